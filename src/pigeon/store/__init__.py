@@ -1,0 +1,1 @@
+"""The durable store: one interface (`base.Store`), one implementation per database."""
