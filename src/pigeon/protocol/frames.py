@@ -157,9 +157,7 @@ class Error(msgspec.Struct, tag="error", tag_field="type"):
 
 
 InboxFrame = Msg | Receipt
-ServerFrame = (
-    Welcome | Resync | CaughtUp | Msg | Receipt | Sent | Typing | Presence | Pong | Error
-)
+ServerFrame = Welcome | Resync | CaughtUp | Msg | Receipt | Sent | Typing | Presence | Pong | Error
 
 client_decoder = msgspec.json.Decoder(ClientFrame)
 server_decoder = msgspec.json.Decoder(ServerFrame | list[ServerFrame])

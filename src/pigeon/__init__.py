@@ -1,0 +1,1 @@
+"""Pigeon: a self-hosted realtime messaging server."""

@@ -1,0 +1,1 @@
+"""The ephemeral bus: presence registry, routing between gateways. One interface, per backend."""

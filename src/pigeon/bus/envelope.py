@@ -1,0 +1,23 @@
+"""What travels between processes on the bus: frames addressed to users."""
+
+from __future__ import annotations
+
+import msgspec
+
+from pigeon.protocol.frames import Msg, Presence, Receipt, Typing
+
+RoutedFrame = Msg | Receipt | Typing | Presence
+
+
+class Target(msgspec.Struct, array_like=True):
+    user: int
+    frames: list[RoutedFrame]
+    #: a device of ``user`` that must not get these frames (e.g. the typist's own)
+    skip_device: int = 0
+
+
+class Envelope(msgspec.Struct, array_like=True):
+    targets: list[Target]
+
+
+envelope_decoder = msgspec.json.Decoder(Envelope)

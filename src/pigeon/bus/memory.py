@@ -1,0 +1,95 @@
+"""The in-process bus of the embedded default: dictionaries and the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+
+from pigeon.bus.base import EnvelopeHandler, PresenceState
+from pigeon.bus.envelope import Envelope
+
+
+class MemoryBus:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._handlers: dict[str, EnvelopeHandler] = {}
+        # (user, device) -> (gateway, expires_at)
+        self._devices: dict[tuple[int, int], tuple[str, float]] = {}
+        self._by_user: dict[int, set[int]] = {}
+        self._last_seen: dict[int, float] = {}
+
+    async def open(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        self._handlers.clear()
+
+    async def subscribe(self, gateway_id: str, handler: EnvelopeHandler) -> None:
+        self._handlers[gateway_id] = handler
+
+    async def unsubscribe(self, gateway_id: str) -> None:
+        self._handlers.pop(gateway_id, None)
+
+    async def publish(self, gateway_id: str, envelope: Envelope) -> None:
+        handler = self._handlers.get(gateway_id)
+        if handler is not None:
+            # Called soon rather than now: a publisher never runs a subscriber's code inline.
+            asyncio.get_running_loop().call_soon(handler, envelope)
+
+    async def register(self, gateway_id: str, user_id: int, device_id: int, ttl_s: float) -> None:
+        self._devices[(user_id, device_id)] = (gateway_id, self._clock() + ttl_s)
+        self._by_user.setdefault(user_id, set()).add(device_id)
+
+    async def unregister(self, gateway_id: str, user_id: int, device_id: int) -> None:
+        entry = self._devices.get((user_id, device_id))
+        if entry is None or entry[0] != gateway_id:
+            return
+        del self._devices[(user_id, device_id)]
+        devices = self._by_user.get(user_id)
+        if devices is not None:
+            devices.discard(device_id)
+            if not devices:
+                del self._by_user[user_id]
+        self._last_seen[user_id] = self._clock()
+
+    async def refresh(
+        self, gateway_id: str, devices: Iterable[tuple[int, int]], ttl_s: float
+    ) -> None:
+        expires = self._clock() + ttl_s
+        for key in devices:
+            entry = self._devices.get(key)
+            if entry is not None and entry[0] == gateway_id:
+                self._devices[key] = (gateway_id, expires)
+
+    async def locate(self, user_ids: Iterable[int]) -> dict[str, list[int]]:
+        now = self._clock()
+        found: dict[str, list[int]] = {}
+        for user_id in user_ids:
+            gateways = {gw for gw, _ in self._live_devices(user_id, now)}
+            for gateway_id in gateways:
+                found.setdefault(gateway_id, []).append(user_id)
+        return found
+
+    async def presence(self, user_ids: Iterable[int]) -> list[PresenceState]:
+        now = self._clock()
+        return [
+            PresenceState(
+                user_id, bool(self._live_devices(user_id, now)), self._last_seen.get(user_id)
+            )
+            for user_id in user_ids
+        ]
+
+    def _live_devices(self, user_id: int, now: float) -> list[tuple[str, int]]:
+        live = []
+        for device_id in list(self._by_user.get(user_id, ())):
+            gateway_id, expires = self._devices[(user_id, device_id)]
+            if expires > now:
+                live.append((gateway_id, device_id))
+            else:  # lapsed: its gateway stopped refreshing
+                del self._devices[(user_id, device_id)]
+                self._by_user[user_id].discard(device_id)
+                self._last_seen[user_id] = expires
+        if user_id in self._by_user and not self._by_user[user_id]:
+            del self._by_user[user_id]
+        return live

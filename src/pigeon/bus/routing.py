@@ -1,0 +1,68 @@
+"""Routing: frames addressed to users go to the gateways holding their devices, one
+envelope per gateway (never one bus message per recipient)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from pigeon.bus.base import Bus
+from pigeon.bus.envelope import Envelope, RoutedFrame, Target
+from pigeon.protocol.frames import Msg, Receipt
+from pigeon.store.models import InboxEntry
+
+
+def entry_frame(entry: InboxEntry) -> Msg | Receipt:
+    """The frame a device receives for one inbox entry."""
+    if entry.message is not None:
+        m = entry.message
+        return Msg(
+            inbox_seq=entry.inbox_seq,
+            conv=m.conv_id,
+            seq=m.seq,
+            sender=m.sender_id,
+            kind=m.kind,
+            body=m.body,
+            ts=m.ts,
+            sender_device=m.sender_device,
+            client_id=m.client_id,
+        )
+    r = entry.receipt
+    assert r is not None, "an inbox entry holds a message or a receipt"
+    return Receipt(
+        inbox_seq=entry.inbox_seq,
+        conv=r.conv_id,
+        user=r.user_id,
+        delivered_seq=r.delivered_seq,
+        read_seq=r.read_seq,
+        all_delivered_seq=r.all_delivered_seq,
+        all_read_seq=r.all_read_seq,
+        ts=r.ts,
+    )
+
+
+class Router:
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+
+    async def deliver(self, frames_by_user: Mapping[int, list[RoutedFrame]]) -> None:
+        if not frames_by_user:
+            return
+        located = await self._bus.locate(frames_by_user)
+        for gateway_id, users in located.items():
+            targets = [Target(user, frames_by_user[user]) for user in users]
+            await self._bus.publish(gateway_id, Envelope(targets))
+
+    async def deliver_entries(self, entries: Iterable[InboxEntry]) -> None:
+        by_user: dict[int, list[RoutedFrame]] = {}
+        for entry in entries:
+            by_user.setdefault(entry.user_id, []).append(entry_frame(entry))
+        await self.deliver(by_user)
+
+    async def broadcast(
+        self, user_ids: Iterable[int], frame: RoutedFrame, skip_device: int = 0
+    ) -> None:
+        """The same ephemeral frame (typing, presence) to several users."""
+        located = await self._bus.locate(user_ids)
+        for gateway_id, users in located.items():
+            targets = [Target(user, [frame], skip_device) for user in users]
+            await self._bus.publish(gateway_id, Envelope(targets))

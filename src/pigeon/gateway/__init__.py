@@ -1,0 +1,1 @@
+"""The gateway: thin asyncio shells (WebSocket and HTTP) around the protocol core."""

@@ -1,0 +1,345 @@
+"""The gateway's core: live connections, what each client frame does, and routed pushes.
+
+The protocol session decides what a frame means; the hub does the I/O it asks for (store,
+bus) and writes the answers. Per-connection work that waits on the store runs in tasks so
+a slow commit never stalls the socket's reader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from pigeon.auth import token_hash
+from pigeon.bus.base import Bus
+from pigeon.bus.envelope import Envelope
+from pigeon.bus.routing import Router, entry_frame
+from pigeon.config import Config
+from pigeon.gateway.connection import Connection
+from pigeon.protocol import frames as f
+from pigeon.protocol.codes import CloseCode, ErrorCode
+from pigeon.protocol.session import Close, Ignore, Reply, Session, error
+from pigeon.store import errors as se
+from pigeon.store.base import Store
+from pigeon.store.models import SendRequest
+
+log = logging.getLogger(__name__)
+
+#: How long a gap in a connection's inbox may stay open before it is filled from the store.
+GAP_WAIT_S = 0.2
+
+
+def store_error_reply(exc: Exception, ref: str | None) -> Reply:
+    codes: dict[type[Exception], ErrorCode] = {
+        se.NotMember: ErrorCode.NOT_MEMBER,
+        se.BadPosition: ErrorCode.BAD_SEQ,
+        se.LimitExceeded: ErrorCode.LIMIT_EXCEEDED,
+        se.Forbidden: ErrorCode.FORBIDDEN,
+        se.NotFound: ErrorCode.NOT_FOUND,
+        se.Unavailable: ErrorCode.UNAVAILABLE,
+    }
+    code = codes.get(type(exc))
+    if code is None:
+        log.exception("unexpected failure", exc_info=exc)
+        return error(ErrorCode.INTERNAL, "internal error; retry later", ref)
+    return error(code, str(exc) or code.value, ref)
+
+
+class Hub:
+    def __init__(
+        self,
+        config: Config,
+        gateway_id: str,
+        store: Store,
+        bus: Bus,
+        router: Router,
+        on_committed: Callable[[], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.gateway_id = gateway_id
+        self.store = store
+        self.bus = bus
+        self.router = router
+        self._on_committed = on_committed
+        self._clock = clock
+        self.connections: set[Connection] = set()
+        self._by_user: dict[int, list[Connection]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._gap_fills: dict[Connection, asyncio.Task[None]] = {}
+        self._ack_pending: dict[Connection, int] = {}
+        self.accepting = True
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.bus.subscribe(self.gateway_id, self.on_envelope)
+        self._sweeper = asyncio.create_task(self._sweep_forever())
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Stop taking work, tell clients to reconnect elsewhere, finish in-flight commits."""
+        self.accepting = False
+        for conn in list(self.connections):
+            conn.close(CloseCode.GOING_AWAY, "server shutting down: reconnect and resume")
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=grace_s)
+        await self.bus.unsubscribe(self.gateway_id)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def committed(self) -> None:
+        """A message was committed here: wake the in-process fan-out worker, if any."""
+        self._on_committed()
+
+    def new_session(self) -> Session:
+        return Session(self.config.limits, self._clock())
+
+    # -- input from a client -----------------------------------------------------------
+
+    def on_frame(self, conn: Connection, data: bytes | str) -> None:
+        outcome = conn.session.receive(data, self._clock())
+        match outcome:
+            case Reply(frame=frame):
+                conn.send(frame)
+            case Close(code=code, reason=reason):
+                self._spawn(conn.close_after_flush(code, reason))
+            case Ignore():
+                pass
+            case f.Hello():
+                self._spawn(self._guard(conn, outcome.ref, self._hello(conn, outcome)))
+            case f.Send():
+                self._spawn(self._guard(conn, outcome.client_id, self._send(conn, outcome)))
+            case f.Ack():
+                self._queue_ack(conn, outcome.up_to)
+            case f.Read():
+                self._spawn(self._guard(conn, outcome.ref, self._read(conn, outcome)))
+            case f.TypingStart():
+                self._spawn(self._guard(conn, outcome.ref, self._typing(conn, outcome)))
+            case f.PresenceQuery():
+                self._spawn(self._guard(conn, outcome.ref, self._presence_query(conn, outcome)))
+
+    async def _guard(
+        self, conn: Connection, ref: str | None, work: Coroutine[Any, Any, None]
+    ) -> None:
+        """Turn any failure of one frame's work into an error frame for that frame alone."""
+        try:
+            await work
+        except se.StoreError as exc:
+            conn.send(store_error_reply(exc, ref).frame)
+        except Exception as exc:
+            conn.send(store_error_reply(exc, ref).frame)
+
+    async def _hello(self, conn: Connection, hello: f.Hello) -> None:
+        device = await self.store.device_for_token(token_hash(hello.token))
+        if device is None or device.id != hello.device or not self.accepting:
+            close = conn.session.auth_failed()
+            conn.send(f.Error(ErrorCode.AUTH_FAILED, "bad or revoked token", hello.ref))
+            await conn.close_after_flush(close.code, close.reason)
+            return
+        for other in self._by_user.get(device.user_id, []):
+            if other.device_id == device.id:
+                other.close(CloseCode.REPLACED, "this device connected again")
+        bounds = await self.store.inbox_bounds(device.user_id)
+        resume_from = device.cursor if hello.resume_from is None else hello.resume_from
+        resume_from = min(resume_from, bounds.head)
+        start = max(resume_from, bounds.floor)
+        conn.session.authenticated(device.user_id, device.id, start)
+        self._by_user.setdefault(device.user_id, []).append(conn)
+        conn.send(
+            f.Welcome(
+                user=device.user_id,
+                device=device.id,
+                resume_from=start,
+                inbox_head=bounds.head,
+                heartbeat_s=self.config.heartbeat_s,
+                max_body=self.config.limits.max_body_chars,
+                max_frame=self.config.limits.max_frame_bytes,
+            )
+        )
+        if resume_from < bounds.floor:
+            conn.send(f.Resync(reason="retention", oldest=bounds.floor + 1))
+        await self.bus.register(
+            self.gateway_id, device.user_id, device.id, self.config.presence_ttl_s
+        )
+        await self._replay(conn, start)
+        await self._announce_presence(device.user_id, online=True)
+
+    async def _replay(self, conn: Connection, after: int) -> None:
+        page = self.config.replay_page
+        while not conn.closing:
+            entries = await self.store.inbox_after(conn.user_id, after, page)
+            self._offer(conn, [entry_frame(e) for e in entries])
+            if len(entries) < page:
+                break
+            after = entries[-1].inbox_seq
+            await conn.wait_drained()  # bound memory for a long offline backlog
+        conn.send(f.CaughtUp(up_to=conn.session.inbox.position))
+
+    async def _send(self, conn: Connection, frame: f.Send) -> None:
+        request = SendRequest(
+            conv_id=frame.conv,
+            sender_id=conn.user_id,
+            sender_device=conn.device_id,
+            client_id=frame.client_id,
+            kind=frame.kind,
+            body=frame.body,
+        )
+        try:
+            result = await self.store.send_message(request, self.config.limits.max_body_chars)
+        except se.LimitExceeded as exc:
+            conn.send(f.Error(ErrorCode.BODY_TOO_LARGE, str(exc), frame.client_id))
+            return
+        conn.send(
+            f.Sent(client_id=result.client_id, conv=result.conv_id, seq=result.seq, ts=result.ts)
+        )
+        if not result.duplicate:
+            self.committed()
+
+    def _queue_ack(self, conn: Connection, up_to: int) -> None:
+        """Acks are cumulative: keep only the highest, one store write in flight per socket."""
+        running = conn in self._ack_pending
+        self._ack_pending[conn] = up_to
+        if not running:
+            self._spawn(self._flush_acks(conn))
+
+    async def _flush_acks(self, conn: Connection) -> None:
+        written = 0
+        try:
+            while (up_to := self._ack_pending.get(conn, written)) > written:
+                receipts = await self.store.ack(conn.device_id, up_to)
+                written = up_to
+                await self.router.deliver_entries(receipts)
+        except se.StoreError as exc:
+            conn.send(store_error_reply(exc, None).frame)
+        finally:
+            self._ack_pending.pop(conn, None)
+
+    async def _read(self, conn: Connection, frame: f.Read) -> None:
+        receipts = await self.store.mark_read(conn.user_id, frame.conv, frame.up_to_seq)
+        await self.router.deliver_entries(receipts)
+
+    async def _typing(self, conn: Connection, frame: f.TypingStart) -> None:
+        members = await self.store.member_ids(frame.conv)
+        if conn.user_id not in members:
+            raise se.NotMember(f"not a member of conversation {frame.conv}")
+        event = f.Typing(conv=frame.conv, user=conn.user_id, ttl_ms=self.config.typing_ttl_ms)
+        others = [m for m in members if m != conn.user_id]
+        await self.router.broadcast(others, event)
+
+    async def _presence_query(self, conn: Connection, frame: f.PresenceQuery) -> None:
+        visible = await self.store.shared_with(conn.user_id, list(frame.users))
+        states = await self.bus.presence(visible)
+        conn.send_many(f.Presence(s.user_id, s.online, s.last_seen) for s in states)
+
+    async def _announce_presence(self, user_id: int, *, online: bool) -> None:
+        if not online:
+            (state,) = await self.bus.presence([user_id])
+            if state.online:  # another device is still connected
+                return
+            last_seen: float | None = state.last_seen or time.time()
+        else:
+            last_seen = None
+        contacts = await self.store.contacts(user_id, self.config.limits.presence_max_group)
+        await self.router.broadcast(contacts, f.Presence(user_id, online, last_seen))
+
+    # -- pushes from the bus -----------------------------------------------------------
+
+    def on_envelope(self, envelope: Envelope) -> None:
+        for target in envelope.targets:
+            for conn in self._by_user.get(target.user, ()):
+                if conn.closing or conn.device_id == target.skip_device:
+                    continue
+                inbox = [fr for fr in target.frames if isinstance(fr, f.Msg | f.Receipt)]
+                if inbox:
+                    self._offer(conn, inbox)
+                if len(inbox) < len(target.frames):
+                    conn.send_many(
+                        fr for fr in target.frames if not isinstance(fr, f.Msg | f.Receipt)
+                    )
+
+    def _offer(self, conn: Connection, entries: list[f.Msg | f.Receipt]) -> None:
+        sequencer = conn.session.inbox
+        conn.send_many(sequencer.offer(entries, self._clock()))
+        if sequencer.missing is not None and conn not in self._gap_fills:
+            task = asyncio.create_task(self._fill_gap(conn))
+            self._gap_fills[conn] = task
+
+    async def _fill_gap(self, conn: Connection) -> None:
+        """Entries held behind a missing position: give the writer a moment, then read."""
+        try:
+            while not conn.closing and (missing := conn.session.inbox.missing) is not None:
+                await asyncio.sleep(GAP_WAIT_S)
+                if conn.session.inbox.missing != missing:
+                    continue  # it moved by itself
+                after, before = missing
+                entries = await self.store.inbox_after(conn.user_id, after, before - after - 1)
+                conn.send_many(conn.session.inbox.offer(map(entry_frame, entries), self._clock()))
+        except se.StoreError as exc:
+            log.warning("gap fill failed for user %s: %s", conn.user_id, exc)
+        finally:
+            self._gap_fills.pop(conn, None)
+
+    # -- connection bookkeeping --------------------------------------------------------
+
+    def attach(self, conn: Connection) -> None:
+        self.connections.add(conn)
+
+    async def detach(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        conn.closing = True
+        conn.session.closed()
+        user_conns = self._by_user.get(conn.user_id)
+        if user_conns is None or conn not in user_conns:
+            return
+        user_conns.remove(conn)
+        if not user_conns:
+            del self._by_user[conn.user_id]
+        gap = self._gap_fills.pop(conn, None)
+        if gap is not None:
+            gap.cancel()
+        if any(c.device_id == conn.device_id for c in self._by_user.get(conn.user_id, ())):
+            return  # replaced by a newer socket of the same device
+        with contextlib.suppress(Exception):
+            await self.bus.unregister(self.gateway_id, conn.user_id, conn.device_id)
+            await self._announce_presence(conn.user_id, online=False)
+
+    def kick_device(self, device_id: int) -> None:
+        for conn in list(self.connections):
+            if conn.device_id == device_id:
+                conn.close(CloseCode.DEVICE_REVOKED, "device revoked")
+
+    async def _sweep_forever(self) -> None:
+        interval = min(self.config.heartbeat_s / 2, 5.0)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("heartbeat sweep failed")
+
+    async def sweep(self) -> None:
+        """Close silent and never-authenticated sockets; renew presence in one batch."""
+        now = self._clock()
+        live: list[tuple[int, int]] = []
+        for conn in list(self.connections):
+            session = conn.session
+            if session.user_id == 0:
+                if now - session.opened_at > self.config.hello_timeout_s:
+                    conn.close(CloseCode.HELLO_TIMEOUT, "no hello")
+            elif now - session.last_received > 2 * self.config.heartbeat_s:
+                conn.close(CloseCode.HEARTBEAT_TIMEOUT, "no ping")
+            else:
+                live.append((session.user_id, session.device_id))
+        if live:
+            await self.bus.refresh(self.gateway_id, live, self.config.presence_ttl_s)

@@ -1,0 +1,1 @@
+"""Background work: fan-out of committed messages into inboxes, and inbox retention."""

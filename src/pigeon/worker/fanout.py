@@ -1,0 +1,88 @@
+"""The fan-out worker: committed messages -> one inbox entry per member -> pushes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from pigeon.bus.routing import Router
+from pigeon.store.base import Store
+from pigeon.store.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+
+class FanoutWorker:
+    """Runs `Store.fanout` in a loop and pushes what it wrote.
+
+    Woken by `wake()` after a commit in the same process; otherwise it polls, so jobs left
+    by another process (or by a worker that died) are picked up within ``poll_s``.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        router: Router,
+        worker_id: str,
+        *,
+        batch_messages: int = 256,
+        lease_s: float = 10.0,
+        poll_s: float = 0.5,
+    ) -> None:
+        self._store = store
+        self._router = router
+        self.worker_id = worker_id
+        self._batch = batch_messages
+        self._lease_s = lease_s
+        self._poll_s = poll_s
+        self._wakeup = asyncio.Event()
+        self._stopping = False
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        while not self._stopping:
+            self._wakeup.clear()
+            try:
+                more = await self.step()
+            except StoreError as exc:
+                log.warning("fan-out failed, retrying: %s", exc)
+                more = False
+            if more:
+                await asyncio.sleep(0)  # let sends and pushes interleave with a backlog
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), self._poll_s)
+
+    async def step(self) -> bool:
+        """One batch; True if more work is pending."""
+        batch = await self._store.fanout(self.worker_id, self._batch, self._lease_s)
+        if batch.entries:
+            await self._router.deliver_entries(batch.entries)
+        return batch.more
+
+
+class RetentionPruner:
+    """Deletes inbox entries older than the retention period, once per ``every_s``."""
+
+    def __init__(self, store: Store, retention_days: float, every_s: float = 3600.0) -> None:
+        self._store = store
+        self._retention_s = retention_days * 86400
+        self._every_s = every_s
+
+    async def run(self) -> None:
+        while True:
+            try:
+                removed = await self._store.prune_inbox(time.time() - self._retention_s)
+                if removed:
+                    log.info("pruned %d inbox entries past retention", removed)
+            except StoreError as exc:
+                log.warning("inbox pruning failed: %s", exc)
+            await asyncio.sleep(self._every_s)
