@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import aiohttp
+import pytest
+from argon2 import PasswordHasher
+
+from pigeon.auth import Passwords
+from pigeon.config import Config, Limits
+from pigeon.server import Server, build_server
+from tests.support import Api
+
+
+def fast_passwords() -> Passwords:
+    # Real argon2id, with parameters small enough for a test suite.
+    return Passwords(PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
+
+
+def make_config(data_dir: Path, **limits: object) -> Config:
+    return Config(
+        host="127.0.0.1",
+        port=0,
+        data_dir=data_dir,
+        heartbeat_s=30.0,
+        shutdown_grace_s=5.0,
+        limits=replace(Limits(), **limits),  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[Server]:
+    srv = build_server(make_config(tmp_path), fast_passwords())
+    await srv.start()
+    yield srv
+    await srv.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+def api(server: Server, http: aiohttp.ClientSession) -> Api:
+    return Api(http, server.url)

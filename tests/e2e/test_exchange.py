@@ -1,0 +1,45 @@
+"""1:1 and group exchange over real sockets, raw protocol frames."""
+
+from __future__ import annotations
+
+import aiohttp
+
+from pigeon.server import Server
+from tests.support import Api, connect
+
+
+async def test_direct_exchange_both_ways(
+    server: Server, api: Api, http: aiohttp.ClientSession
+) -> None:
+    alice, bob = await api.account("alice"), await api.account("bob")
+    conv = await api.direct(alice, bob)
+    a, _ = await connect(http, server.url, alice)
+    b, _ = await connect(http, server.url, bob)
+
+    await a.send({"type": "send", "conv": conv, "client_id": "a1", "body": "hi bob"})
+    sent = await a.expect("sent")
+    assert (sent["client_id"], sent["conv"], sent["seq"]) == ("a1", conv, 1)
+    got = await b.expect(lambda fr: fr.get("type") == "msg" and fr["seq"] == 1)
+    assert (got["body"], got["sender"], got["conv"]) == ("hi bob", alice.user_id, conv)
+    # the sender's own inbox gets it too (for their other devices)
+    own = await a.expect("msg")
+    assert own["seq"] == 1 and own["client_id"] == "a1"
+
+    await b.send({"type": "send", "conv": conv, "client_id": "b1", "body": "hi alice"})
+    assert (await b.expect("sent"))["seq"] == 2
+    reply = await a.expect("msg")
+    assert (reply["body"], reply["sender"], reply["seq"]) == ("hi alice", bob.user_id, 2)
+
+
+async def test_group_of_fifty(server: Server, api: Api, http: aiohttp.ClientSession) -> None:
+    accounts = [await api.account() for _ in range(50)]
+    conv = await api.group(accounts[0], accounts[1:], title="fifty")
+    sockets = [(await connect(http, server.url, acc))[0] for acc in accounts]
+    for sock in sockets:  # the creation notice reached everyone
+        assert (await sock.expect("msg"))["kind"] == "system"
+
+    await sockets[7].send({"type": "send", "conv": conv, "client_id": "x", "body": "hello all"})
+    seq = (await sockets[7].expect("sent"))["seq"]
+    for sock in sockets:
+        msg = await sock.expect("msg")
+        assert (msg["seq"], msg["body"], msg["sender"]) == (seq, "hello all", accounts[7].user_id)
