@@ -1,0 +1,1196 @@
+"""The embedded store: SQLite in WAL mode, through the stdlib ``sqlite3`` module.
+
+Threads: sqlite3 calls block, so none runs on the event loop. One writer thread owns the only
+write connection (every write is a ``BEGIN IMMEDIATE`` transaction on it) and one reader thread
+owns a read-only connection; WAL lets the reader see the last commit without waiting for the
+writer. Because every write in this process goes through the one writer thread, they are
+serialised without lock contention; other processes on the same file are still safe because
+each transaction takes SQLite's write lock before reading what it will change.
+
+Group commit: ``send_message`` calls are queued, and one task hands everything queued (up to
+``MAX_SEND_BATCH``) to the writer as a single transaction, so a burst of sends costs one fsync
+instead of one each (research/limits.md, 3a: 1 row per commit caps at a few thousand rows/s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import json
+import pathlib
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from typing import Any, TypeVar, cast
+
+from pigeon.store.errors import (
+    BadPosition,
+    Conflict,
+    Forbidden,
+    LimitExceeded,
+    NotFound,
+    NotMember,
+    StoreError,
+    Unavailable,
+)
+from pigeon.store.models import (
+    Conversation,
+    ConversationKind,
+    ConversationSummary,
+    Device,
+    FanoutBatch,
+    InboxBounds,
+    InboxEntry,
+    Member,
+    Message,
+    ReceiptState,
+    Role,
+    SendRequest,
+    SendResult,
+    User,
+)
+
+T = TypeVar("T")
+Clock = Callable[[], float]
+Row = tuple[Any, ...]
+
+#: Most sends committed in one transaction; bigger batches gain little and delay the first.
+MAX_SEND_BATCH = 512
+BUSY_TIMEOUT_MS = 5000
+MIGRATIONS_PACKAGE = "pigeon.store.migrations.sqlite"
+
+_USER_COLS = "id, username, display_name, created_at"
+_DEVICE_COLS = "id, user_id, name, created_at, revoked_at, cursor"
+_CONV_COLS = "id, kind, title, created_at, last_seq"
+_MEMBER_COLS = "user_id, role, joined_at, delivered_seq, read_seq"
+_MSG_COLS = "conv_id, seq, sender_id, sender_device, client_id, kind, body, ts"
+
+
+class SqliteStore:
+    """`pigeon.store.base.Store` on one SQLite file."""
+
+    def __init__(self, path: str | pathlib.Path, *, clock: Clock = time.time) -> None:
+        self._path = str(path)
+        self._clock = clock
+        self._writer: ThreadPoolExecutor | None = None
+        self._reader: ThreadPoolExecutor | None = None
+        # Each connection is created, used and closed only in its own thread.
+        self._wconn: sqlite3.Connection | None = None
+        self._rconn: sqlite3.Connection | None = None
+        self._send_queue: deque[_PendingSend] = deque()
+        self._send_task: asyncio.Task[None] | None = None
+        # Round-robin position of fanout over conversations (touched by the writer thread only).
+        self._fanout_after = 0
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pigeon-sqlite-w")
+        reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pigeon-sqlite-r")
+        try:
+            # The writer connects and migrates first: the reader must see the final schema.
+            await loop.run_in_executor(writer, self._open_writer)
+            await loop.run_in_executor(reader, self._open_reader)
+        except sqlite3.Error as exc:
+            writer.shutdown(wait=False)
+            reader.shutdown(wait=False)
+            raise Unavailable(f"cannot open {self._path}: {exc}") from exc
+        self._writer, self._reader = writer, reader
+
+    async def close(self) -> None:
+        if self._send_task is not None and not self._send_task.done():
+            # Let queued sends commit (or fail) before their writer goes away.
+            await asyncio.wait({self._send_task})
+        loop = asyncio.get_running_loop()
+        writer, reader = self._writer, self._reader
+        self._writer = self._reader = None
+        if writer is not None:
+            await loop.run_in_executor(writer, self._close_writer)
+            writer.shutdown(wait=False)
+        if reader is not None:
+            await loop.run_in_executor(reader, self._close_reader)
+            reader.shutdown(wait=False)
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: no implicit transactions; we issue BEGIN/COMMIT ourselves.
+        conn = sqlite3.connect(self._path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA synchronous = FULL")  # fsync the WAL at each commit: durable
+        conn.execute("PRAGMA cache_size = -65536")  # 64 MiB; helps batched commits (3a)
+        return conn
+
+    def _open_writer(self) -> None:
+        conn = self._connect()
+        conn.execute("PRAGMA journal_mode = WAL")
+        _migrate(conn, self._clock)
+        self._wconn = conn
+
+    def _open_reader(self) -> None:
+        conn = self._connect()
+        conn.execute("PRAGMA query_only = ON")
+        self._rconn = conn
+
+    def _close_writer(self) -> None:
+        if self._wconn is not None:
+            self._wconn.close()
+            self._wconn = None
+
+    def _close_reader(self) -> None:
+        if self._rconn is not None:
+            self._rconn.close()
+            self._rconn = None
+
+    # -- running work on the threads -----------------------------------------------------
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in one write transaction on the writer thread."""
+        return await self._run(self._writer, functools.partial(self._in_write_txn, fn))
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in one read transaction (a consistent snapshot) on the reader thread."""
+        return await self._run(self._reader, functools.partial(self._in_read_txn, fn))
+
+    @staticmethod
+    async def _run(pool: ThreadPoolExecutor | None, call: Callable[[], T]) -> T:
+        if pool is None:
+            raise Unavailable("the store is not open")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, call)
+        except sqlite3.Error as exc:
+            raise _map_error(exc) from exc
+        except RuntimeError as exc:  # the executor was shut down under us
+            raise Unavailable(str(exc)) from exc
+
+    def _in_write_txn(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._wconn
+        if conn is None:
+            raise Unavailable("the store is closed")
+        conn.execute("BEGIN IMMEDIATE")  # take the write lock now, not at the first write
+        try:
+            result = fn(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return result
+
+    def _in_read_txn(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._rconn
+        if conn is None:
+            raise Unavailable("the store is closed")
+        conn.execute("BEGIN")
+        try:
+            return fn(conn)
+        finally:
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+
+    # -- users and devices ---------------------------------------------------------------
+
+    async def create_user(self, username: str, display_name: str, password_hash: str) -> User:
+        def txn(conn: sqlite3.Connection) -> User:
+            now = self._clock()
+            try:
+                row = conn.execute(
+                    "INSERT INTO users (username, display_name, password_hash, created_at)"
+                    f" VALUES (?, ?, ?, ?) RETURNING {_USER_COLS}",
+                    (username, display_name, password_hash, now),
+                ).fetchone()
+            except sqlite3.IntegrityError as exc:
+                raise Conflict(f"username {username!r} is taken") from exc
+            return _user(row)
+
+        return await self._write(txn)
+
+    async def get_user(self, user_id: int) -> User | None:
+        def txn(conn: sqlite3.Connection) -> User | None:
+            row = conn.execute(f"SELECT {_USER_COLS} FROM users WHERE id = ?", (user_id,))
+            return _maybe(_user, row.fetchone())
+
+        return await self._read(txn)
+
+    async def find_user(self, username: str) -> User | None:
+        def txn(conn: sqlite3.Connection) -> User | None:
+            # The column is COLLATE NOCASE, so '=' is case-insensitive and uses the index.
+            row = conn.execute(f"SELECT {_USER_COLS} FROM users WHERE username = ?", (username,))
+            return _maybe(_user, row.fetchone())
+
+        return await self._read(txn)
+
+    async def password_hash(self, user_id: int) -> str:
+        def txn(conn: sqlite3.Connection) -> str:
+            row = conn.execute("SELECT password_hash FROM users WHERE id = ?", (user_id,))
+            found = row.fetchone()
+            if found is None:
+                raise NotFound(f"no user {user_id}")
+            return str(found[0])
+
+        return await self._read(txn)
+
+    async def set_password_hash(self, user_id: int, password_hash: str) -> None:
+        def txn(conn: sqlite3.Connection) -> None:
+            cur = conn.execute(
+                "UPDATE users SET password_hash = ? WHERE id = ?", (password_hash, user_id)
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"no user {user_id}")
+
+        await self._write(txn)
+
+    async def list_users(self) -> list[User]:
+        def txn(conn: sqlite3.Connection) -> list[User]:
+            rows = conn.execute(f"SELECT {_USER_COLS} FROM users ORDER BY id")
+            return [_user(r) for r in rows]
+
+        return await self._read(txn)
+
+    async def create_device(self, user_id: int, name: str, token_hash: str) -> Device:
+        def txn(conn: sqlite3.Connection) -> Device:
+            head = _inbox_head(conn, user_id)
+            try:
+                row = conn.execute(
+                    "INSERT INTO devices (user_id, name, token_hash, created_at, cursor)"
+                    f" VALUES (?, ?, ?, ?, ?) RETURNING {_DEVICE_COLS}",
+                    (user_id, name, token_hash, self._clock(), head),
+                ).fetchone()
+            except sqlite3.IntegrityError as exc:
+                raise Conflict("token hash already in use") from exc
+            return _device(row)
+
+        return await self._write(txn)
+
+    async def device_for_token(self, token_hash: str) -> Device | None:
+        def txn(conn: sqlite3.Connection) -> Device | None:
+            row = conn.execute(
+                f"SELECT {_DEVICE_COLS} FROM devices WHERE token_hash = ? AND revoked_at IS NULL",
+                (token_hash,),
+            )
+            return _maybe(_device, row.fetchone())
+
+        return await self._read(txn)
+
+    async def list_devices(self, user_id: int) -> list[Device]:
+        def txn(conn: sqlite3.Connection) -> list[Device]:
+            rows = conn.execute(
+                f"SELECT {_DEVICE_COLS} FROM devices WHERE user_id = ? ORDER BY id", (user_id,)
+            )
+            return [_device(r) for r in rows]
+
+        return await self._read(txn)
+
+    async def revoke_device(self, user_id: int, device_id: int) -> bool:
+        def txn(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "UPDATE devices SET revoked_at = ?"
+                " WHERE id = ? AND user_id = ? AND revoked_at IS NULL",
+                (self._clock(), device_id, user_id),
+            )
+            return cur.rowcount > 0
+
+        return await self._write(txn)
+
+    # -- conversations -------------------------------------------------------------------
+
+    async def direct_conversation(self, user_id: int, other_id: int) -> Conversation:
+        def txn(conn: sqlite3.Connection) -> Conversation:
+            _require_users(conn, [user_id, other_id])
+            low, high = sorted((user_id, other_id))
+            key = f"{low}:{high}"
+            row = conn.execute("SELECT id FROM conversations WHERE direct_key = ?", (key,))
+            found = row.fetchone()
+            if found is not None:
+                return _load_conversation(conn, int(found[0]))
+            now = self._clock()
+            conv_id = _insert_conversation(conn, "direct", "", key, now)
+            # A direct chat has no admin: nobody can add, remove or rename.
+            _insert_members(
+                conn, conv_id, [(u, "member") for u in dict.fromkeys((low, high))], now, 0
+            )
+            return _load_conversation(conn, conv_id)
+
+        return await self._write(txn)
+
+    async def create_group(
+        self, creator_id: int, title: str, member_ids: list[int], max_members: int
+    ) -> Conversation:
+        def txn(conn: sqlite3.Connection) -> Conversation:
+            users = list(dict.fromkeys([creator_id, *member_ids]))  # dedup, keep order
+            if len(users) > max_members:
+                raise LimitExceeded(f"a group has at most {max_members} members")
+            _require_users(conn, users)
+            now = self._clock()
+            conv_id = _insert_conversation(conn, "group", title, None, now)
+            roles: list[tuple[int, Role]] = [(creator_id, "admin")]
+            roles += [(u, "member") for u in users[1:]]
+            _insert_members(conn, conv_id, roles, now, 0)
+            event = {"event": "created", "title": title, "by": creator_id, "users": users}
+            self._append_system(conn, conv_id, creator_id, event, now)
+            return _load_conversation(conn, conv_id)
+
+        return await self._write(txn)
+
+    async def add_members(
+        self, actor_id: int, conv_id: int, user_ids: list[int], max_members: int
+    ) -> Conversation:
+        def txn(conn: sqlite3.Connection) -> Conversation:
+            _require_group_admin(conn, conv_id, actor_id)
+            current = set(_member_ids(conn, conv_id))
+            new = [u for u in dict.fromkeys(user_ids) if u not in current]
+            if not new:
+                return _load_conversation(conn, conv_id)
+            _require_users(conn, new)
+            if len(current) + len(new) > max_members:
+                raise LimitExceeded(f"a group has at most {max_members} members")
+            now = self._clock()
+            # New members start at the current last seq: the "added" message is their first.
+            _insert_members(
+                conn, conv_id, [(u, "member") for u in new], now, _last_seq(conn, conv_id)
+            )
+            event = {"event": "added", "users": new, "by": actor_id}
+            self._append_system(conn, conv_id, actor_id, event, now)
+            return _load_conversation(conn, conv_id)
+
+        return await self._write(txn)
+
+    async def remove_member(self, actor_id: int, conv_id: int, user_id: int) -> Conversation:
+        def txn(conn: sqlite3.Connection) -> Conversation:
+            if user_id == actor_id:
+                self._leave(conn, actor_id, conv_id)
+                return _load_conversation(conn, conv_id)
+            _require_group_admin(conn, conv_id, actor_id)
+            if _role(conn, conv_id, user_id) is None:
+                raise NotFound(f"user {user_id} is not a member of conversation {conv_id}")
+            conn.execute(
+                "DELETE FROM members WHERE conv_id = ? AND user_id = ?", (conv_id, user_id)
+            )
+            event = {"event": "removed", "user": user_id, "by": actor_id}
+            self._append_system(conn, conv_id, actor_id, event, self._clock())
+            return _load_conversation(conn, conv_id)
+
+        return await self._write(txn)
+
+    async def leave(self, user_id: int, conv_id: int) -> None:
+        await self._write(lambda conn: self._leave(conn, user_id, conv_id))
+
+    def _leave(self, conn: sqlite3.Connection, user_id: int, conv_id: int) -> None:
+        role = _role(conn, conv_id, user_id)
+        if role is None:
+            raise NotMember(f"not a member of conversation {conv_id}")
+        if _kind(conn, conv_id) != "group":
+            # The pair's one direct conversation must keep both members to stay findable.
+            raise Forbidden("cannot leave a direct conversation")
+        conn.execute("DELETE FROM members WHERE conv_id = ? AND user_id = ?", (conv_id, user_id))
+        event: dict[str, Any] = {"event": "left", "user": user_id}
+        if role == "admin":
+            heir = _promote_if_no_admin(conn, conv_id)
+            if heir is not None:
+                event["admin"] = heir
+        self._append_system(conn, conv_id, user_id, event, self._clock())
+
+    async def rename(self, actor_id: int, conv_id: int, title: str) -> Conversation:
+        def txn(conn: sqlite3.Connection) -> Conversation:
+            if _role(conn, conv_id, actor_id) is None:
+                raise NotMember(f"not a member of conversation {conv_id}")
+            if _kind(conn, conv_id) != "group":
+                raise Forbidden("only groups have a title")
+            conn.execute("UPDATE conversations SET title = ? WHERE id = ?", (title, conv_id))
+            event = {"event": "renamed", "title": title, "by": actor_id}
+            self._append_system(conn, conv_id, actor_id, event, self._clock())
+            return _load_conversation(conn, conv_id)
+
+        return await self._write(txn)
+
+    async def get_conversation(self, conv_id: int, user_id: int) -> Conversation:
+        def txn(conn: sqlite3.Connection) -> Conversation:
+            _require_member(conn, conv_id, user_id)
+            return _load_conversation(conn, conv_id)
+
+        return await self._read(txn)
+
+    async def member_ids(self, conv_id: int) -> list[int]:
+        return await self._read(lambda conn: _member_ids(conn, conv_id))
+
+    async def list_conversations(self, user_id: int) -> list[ConversationSummary]:
+        return await self._read(lambda conn: _list_conversations(conn, user_id))
+
+    async def history(
+        self,
+        conv_id: int,
+        user_id: int,
+        *,
+        before: int | None = None,
+        after: int | None = None,
+        limit: int = 50,
+    ) -> list[Message]:
+        def txn(conn: sqlite3.Connection) -> list[Message]:
+            _require_member(conn, conv_id, user_id)
+            if limit <= 0:
+                return []
+            upper = before if before is not None else 2**62
+            if after is not None:  # the `limit` just above `after` (and below `before`)
+                rows = conn.execute(
+                    f"SELECT {_MSG_COLS} FROM messages WHERE conv_id = ? AND seq > ? AND seq < ?"
+                    " ORDER BY seq LIMIT ?",
+                    (conv_id, after, upper, limit),
+                ).fetchall()
+            else:  # the `limit` just below `before`, or the newest
+                rows = conn.execute(
+                    f"SELECT {_MSG_COLS} FROM messages WHERE conv_id = ? AND seq < ?"
+                    " ORDER BY seq DESC LIMIT ?",
+                    (conv_id, upper, limit),
+                ).fetchall()
+                rows.reverse()
+            return [_message(r) for r in rows]
+
+        return await self._read(txn)
+
+    async def contacts(self, user_id: int, max_group_size: int) -> list[int]:
+        def txn(conn: sqlite3.Connection) -> list[int]:
+            rows = conn.execute(
+                "SELECT DISTINCT other.user_id FROM members me"
+                " JOIN conversations c ON c.id = me.conv_id"
+                " JOIN members other ON other.conv_id = me.conv_id"
+                " WHERE me.user_id = ? AND other.user_id <> me.user_id AND (c.kind = 'direct'"
+                "  OR (SELECT COUNT(*) FROM members n WHERE n.conv_id = c.id) <= ?)"
+                " ORDER BY other.user_id",
+                (user_id, max_group_size),
+            )
+            return [int(r[0]) for r in rows]
+
+        return await self._read(txn)
+
+    async def shared_with(self, user_id: int, others: list[int]) -> list[int]:
+        def txn(conn: sqlite3.Connection) -> list[int]:
+            rows = conn.execute(
+                "SELECT DISTINCT other.user_id FROM members me"
+                " JOIN members other ON other.conv_id = me.conv_id"
+                " WHERE me.user_id = ? AND other.user_id IN (SELECT value FROM json_each(?))",
+                (user_id, json.dumps(others)),
+            )
+            shared = {int(r[0]) for r in rows}
+            return [u for u in dict.fromkeys(others) if u in shared]
+
+        return await self._read(txn)
+
+    # -- sending (group commit) ----------------------------------------------------------
+
+    async def send_message(self, request: SendRequest, max_body: int) -> SendResult:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[SendResult] = loop.create_future()
+        self._send_queue.append(_PendingSend(request, max_body, future))
+        if self._send_task is None or self._send_task.done():
+            self._send_task = loop.create_task(self._send_loop())
+        return await future
+
+    async def _send_loop(self) -> None:
+        """Commit queued sends, many per transaction, until the queue is empty.
+
+        While one batch is being committed, new sends pile up in the queue and become the next
+        batch: the busier the store, the bigger the batches.
+        """
+        while self._send_queue:
+            count = min(len(self._send_queue), MAX_SEND_BATCH)
+            batch = [self._send_queue.popleft() for _ in range(count)]
+            work = [(p.request, p.max_body) for p in batch]
+            outcomes: Sequence[SendResult | StoreError]
+            try:
+                outcomes = await self._run(
+                    self._writer, functools.partial(self._commit_sends, work)
+                )
+            except StoreError as exc:
+                outcomes = [exc] * len(batch)
+            for pending, outcome in zip(batch, outcomes, strict=True):
+                if pending.future.done():  # the caller was cancelled
+                    continue
+                if isinstance(outcome, StoreError):
+                    # A fresh instance per caller: a shared one would share its traceback.
+                    pending.future.set_exception(type(outcome)(*outcome.args))
+                else:
+                    pending.future.set_result(outcome)
+
+    def _commit_sends(self, work: list[tuple[SendRequest, int]]) -> list[SendResult | StoreError]:
+        try:
+            return self._in_write_txn(lambda conn: self._send_batch(conn, work))
+        except sqlite3.Error:
+            if len(work) == 1:
+                raise
+        # Checks before writing make this unexpected; still, one bad request must not fail
+        # the others, so retry each in its own transaction.
+        outcomes: list[SendResult | StoreError] = []
+        for item in work:
+            try:
+                one = functools.partial(self._send_batch, work=[item])
+                outcomes += self._in_write_txn(one)
+            except sqlite3.Error as exc:
+                outcomes.append(_map_error(exc))
+        return outcomes
+
+    def _send_batch(
+        self, conn: sqlite3.Connection, work: list[tuple[SendRequest, int]]
+    ) -> list[SendResult | StoreError]:
+        """Validate and write a batch of sends; a failing request yields its error, writes
+        nothing, and does not affect the others."""
+        now = self._clock()
+        last_seqs: dict[int, int] = {}  # conv -> last seq, allocated here (we hold the lock)
+        is_member: dict[tuple[int, int], bool] = {}
+        sent: dict[tuple[int, str], SendResult] = {}  # idempotency within this batch
+        messages: list[Message] = []
+        outcomes: list[SendResult | StoreError] = []
+        for req, max_body in work:
+            if len(req.body) > max_body:
+                outcomes.append(LimitExceeded(f"body longer than {max_body} characters"))
+                continue
+            key = (req.sender_device, req.client_id)
+            # A retry returns the original result, even if membership changed since.
+            prior = sent.get(key) or _find_sent(conn, key)
+            if prior is not None:
+                outcomes.append(dataclasses.replace(prior, duplicate=True))
+                continue
+            member_key = (req.conv_id, req.sender_id)
+            if member_key not in is_member:
+                is_member[member_key] = _role(conn, *member_key) is not None
+            if not is_member[member_key]:
+                outcomes.append(NotMember(f"not a member of conversation {req.conv_id}"))
+                continue
+            if req.conv_id not in last_seqs:
+                last_seqs[req.conv_id] = _last_seq(conn, req.conv_id)
+            seq = last_seqs[req.conv_id] = last_seqs[req.conv_id] + 1
+            messages.append(
+                Message(req.conv_id, seq, req.sender_id, req.sender_device, req.client_id,
+                        req.kind, req.body, now)
+            )  # fmt: skip
+            result = SendResult(req.conv_id, seq, now, req.client_id, duplicate=False)
+            if req.sender_device != 0:
+                sent[key] = result
+            outcomes.append(result)
+        conn.executemany(
+            "UPDATE conversations SET last_seq = ?, last_activity = ? WHERE id = ?",
+            [(seq, now, conv) for conv, seq in last_seqs.items()],
+        )
+        _store_messages(conn, messages)
+        return outcomes
+
+    def _append_system(
+        self,
+        conn: sqlite3.Connection,
+        conv_id: int,
+        actor_id: int,
+        event: dict[str, Any],
+        now: float,
+    ) -> Message:
+        """Record a group change as a system message, through the same path as user messages."""
+        row = conn.execute(
+            "UPDATE conversations SET last_seq = last_seq + 1, last_activity = ?"
+            " WHERE id = ? RETURNING last_seq",
+            (now, conv_id),
+        ).fetchone()
+        body = json.dumps(event, separators=(",", ":"))
+        message = Message(conv_id, int(row[0]), actor_id, 0, "", "system", body, now)
+        _store_messages(conn, [message])
+        return message
+
+    # -- fan-out -------------------------------------------------------------------------
+
+    async def fanout(self, worker_id: str, max_messages: int, lease_s: float) -> FanoutBatch:
+        return await self._write(lambda conn: self._fanout(conn, worker_id, max_messages, lease_s))
+
+    def _fanout(
+        self, conn: sqlite3.Connection, worker_id: str, max_messages: int, lease_s: float
+    ) -> FanoutBatch:
+        now = self._clock()
+        # Leases are checked and written in this same transaction, which holds the write
+        # lock: a worker whose lease was taken over cannot commit entries (fencing).
+        convs = [
+            int(r[0])
+            for r in conn.execute(
+                "SELECT j.conv_id FROM (SELECT DISTINCT conv_id FROM fanout_jobs) j"
+                " LEFT JOIN fanout_leases l ON l.conv_id = j.conv_id"
+                " WHERE l.conv_id IS NULL OR l.owner = ? OR l.expires_at <= ?"
+                " ORDER BY j.conv_id",
+                (worker_id, now),
+            )
+        ]
+        # Round robin: start after the conversation served last, so a long backlog in one
+        # conversation does not starve the others.
+        order = [c for c in convs if c > self._fanout_after]
+        order += [c for c in convs if c <= self._fanout_after]
+        inbox = _InboxAppender(conn)
+        batch = FanoutBatch()
+        budget = max_messages
+        for conv_id in order:
+            if budget <= 0:
+                batch.more = True  # conversations not served in this call
+                break
+            done = _fanout_conversation(conn, inbox, conv_id, budget, now)
+            batch.entries += done.entries
+            budget -= done.messages
+            self._fanout_after = conv_id
+            if done.remaining:
+                conn.execute(
+                    "INSERT INTO fanout_leases (conv_id, owner, expires_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT (conv_id) DO UPDATE SET owner = excluded.owner,"
+                    " expires_at = excluded.expires_at",
+                    (conv_id, worker_id, now + lease_s),
+                )
+                batch.more = True
+            else:
+                conn.execute("DELETE FROM fanout_leases WHERE conv_id = ?", (conv_id,))
+        inbox.flush()
+        return batch
+
+    # -- inbox and receipts --------------------------------------------------------------
+
+    async def inbox_after(self, user_id: int, after: int, limit: int) -> list[InboxEntry]:
+        def txn(conn: sqlite3.Connection) -> list[InboxEntry]:
+            rows = conn.execute(
+                "SELECT i.user_id, i.inbox_seq, i.conv_id, i.ts, i.receipt,"
+                " m.conv_id, m.seq, m.sender_id, m.sender_device, m.client_id, m.kind, m.body, m.ts"
+                " FROM inbox i LEFT JOIN messages m ON m.conv_id = i.conv_id AND m.seq = i.msg_seq"
+                " WHERE i.user_id = ? AND i.inbox_seq > ? ORDER BY i.inbox_seq LIMIT ?",
+                (user_id, after, max(limit, 0)),
+            )
+            return [_inbox_entry(r) for r in rows]
+
+        return await self._read(txn)
+
+    async def inbox_bounds(self, user_id: int) -> InboxBounds:
+        def txn(conn: sqlite3.Connection) -> InboxBounds:
+            row = conn.execute(
+                "SELECT inbox_floor, inbox_head FROM users WHERE id = ?", (user_id,)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no user {user_id}")
+            return InboxBounds(floor=int(row[0]), head=int(row[1]))
+
+        return await self._read(txn)
+
+    async def ack(self, device_id: int, up_to: int) -> list[InboxEntry]:
+        def txn(conn: sqlite3.Connection) -> list[InboxEntry]:
+            row = conn.execute(
+                "SELECT user_id, cursor FROM devices WHERE id = ? AND revoked_at IS NULL",
+                (device_id,),
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no device {device_id}")
+            user_id, cursor = int(row[0]), int(row[1])
+            new_cursor = min(up_to, _inbox_head(conn, user_id))
+            if new_cursor <= cursor:
+                return []
+            conn.execute("UPDATE devices SET cursor = ? WHERE id = ?", (new_cursor, device_id))
+            # The highest message acked per conversation: delivered is cumulative.
+            acked = conn.execute(
+                "SELECT conv_id, MAX(msg_seq) FROM inbox WHERE user_id = ? AND inbox_seq > ?"
+                " AND inbox_seq <= ? AND msg_seq IS NOT NULL GROUP BY conv_id ORDER BY conv_id",
+                (user_id, cursor, new_cursor),
+            ).fetchall()
+            inbox = _InboxAppender(conn)
+            now = self._clock()
+            for conv_id, seq in acked:
+                _advance(conn, inbox, int(conv_id), user_id, int(seq), 0, now)
+            return inbox.flush()
+
+        return await self._write(txn)
+
+    async def mark_read(self, user_id: int, conv_id: int, up_to_seq: int) -> list[InboxEntry]:
+        def txn(conn: sqlite3.Connection) -> list[InboxEntry]:
+            _require_member(conn, conv_id, user_id)
+            last = _last_seq(conn, conv_id)
+            if not 0 <= up_to_seq <= last:
+                raise BadPosition(f"seq {up_to_seq} is beyond the last message ({last})")
+            inbox = _InboxAppender(conn)
+            # Read implies delivered: both move.
+            _advance(conn, inbox, conv_id, user_id, up_to_seq, up_to_seq, self._clock())
+            return inbox.flush()
+
+        return await self._write(txn)
+
+    async def receipts(self, conv_id: int, user_id: int) -> list[Member]:
+        def txn(conn: sqlite3.Connection) -> list[Member]:
+            _require_member(conn, conv_id, user_id)
+            return _members(conn, conv_id)
+
+        return await self._read(txn)
+
+    async def prune_inbox(self, older_than: float) -> int:
+        def txn(conn: sqlite3.Connection) -> int:
+            # Prune a prefix per user (up to its newest old entry), so that the remaining
+            # inbox stays gapless above the floor even if the clock ever stepped back.
+            floors = conn.execute(
+                "SELECT user_id, MAX(inbox_seq) FROM inbox WHERE ts < ? GROUP BY user_id",
+                (older_than,),
+            ).fetchall()
+            deleted = 0
+            for user_id, floor in floors:
+                cur = conn.execute(
+                    "DELETE FROM inbox WHERE user_id = ? AND inbox_seq <= ?", (user_id, floor)
+                )
+                deleted += cur.rowcount
+                conn.execute(
+                    "UPDATE users SET inbox_floor = MAX(inbox_floor, ?) WHERE id = ?",
+                    (floor, user_id),
+                )
+            return deleted
+
+        return await self._write(txn)
+
+
+# -- helpers: plain functions over a connection, run on the store's threads ----------------
+
+
+@dataclasses.dataclass(slots=True)
+class _PendingSend:
+    request: SendRequest
+    max_body: int
+    future: asyncio.Future[SendResult]
+
+
+@dataclasses.dataclass(slots=True)
+class _ConversationFanout:
+    entries: list[InboxEntry]
+    messages: int  # how many messages were fanned out
+    remaining: bool  # jobs left in the conversation
+
+
+class _InboxAppender:
+    """Allocates inbox positions within one transaction and writes the entries in bulk.
+
+    Each user's head is read once and written back once per transaction, instead of one
+    UPDATE per entry.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._heads: dict[int, int] = {}
+        self._rows: list[Row] = []
+        self._entries: list[InboxEntry] = []
+
+    def append(
+        self,
+        user_id: int,
+        conv_id: int,
+        ts: float,
+        message: Message | None = None,
+        receipt: ReceiptState | None = None,
+    ) -> InboxEntry:
+        head = self._heads.get(user_id)
+        if head is None:
+            head = _inbox_head(self._conn, user_id)
+        head += 1
+        self._heads[user_id] = head
+        msg_seq = message.seq if message is not None else None
+        receipt_json = _receipt_json(receipt) if receipt is not None else None
+        self._rows.append((user_id, head, conv_id, msg_seq, receipt_json, ts))
+        entry = InboxEntry(user_id, head, conv_id, ts, message=message, receipt=receipt)
+        self._entries.append(entry)
+        return entry
+
+    def flush(self) -> list[InboxEntry]:
+        """Write what was appended; return the entries in the order they were appended."""
+        self._conn.executemany(
+            "INSERT INTO inbox (user_id, inbox_seq, conv_id, msg_seq, receipt, ts)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            self._rows,
+        )
+        self._conn.executemany(
+            "UPDATE users SET inbox_head = ? WHERE id = ?",
+            [(head, user) for user, head in self._heads.items()],
+        )
+        entries, self._rows, self._entries, self._heads = self._entries, [], [], {}
+        return entries
+
+
+def _fanout_conversation(
+    conn: sqlite3.Connection, inbox: _InboxAppender, conv_id: int, budget: int, now: float
+) -> _ConversationFanout:
+    """Fan out up to ``budget`` pending messages of one conversation, in seq order."""
+    rows = conn.execute(
+        f"SELECT {', '.join('m.' + c for c in _MSG_COLS.split(', '))}"
+        " FROM fanout_jobs j JOIN messages m ON m.conv_id = j.conv_id AND m.seq = j.seq"
+        " WHERE j.conv_id = ? ORDER BY j.seq LIMIT ?",
+        (conv_id, budget),
+    ).fetchall()
+    # Members at fan-out time, each from the message after the one current when they joined.
+    members = conn.execute(
+        "SELECT user_id, joined_seq FROM members WHERE conv_id = ? ORDER BY user_id", (conv_id,)
+    ).fetchall()
+    entries: list[InboxEntry] = []
+    last = 0
+    for row in rows:
+        message = _message(row)
+        last = message.seq
+        targets = [int(u) for u, joined_seq in members if joined_seq < message.seq]
+        departed = _departed_user(message)
+        if departed is not None and departed not in targets:
+            targets.append(departed)  # the one removed (or who left) learns of it too
+        entries += [inbox.append(u, conv_id, now, message=message) for u in targets]
+    conn.execute("DELETE FROM fanout_jobs WHERE conv_id = ? AND seq <= ?", (conv_id, last))
+    remaining = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM fanout_jobs WHERE conv_id = ?)", (conv_id,)
+    ).fetchone()[0]
+    return _ConversationFanout(entries, len(rows), bool(remaining))
+
+
+def _departed_user(message: Message) -> int | None:
+    if message.kind != "system":
+        return None
+    event = json.loads(message.body)
+    if event.get("event") in ("removed", "left"):
+        return int(event["user"])
+    return None
+
+
+def _advance(
+    conn: sqlite3.Connection,
+    inbox: _InboxAppender,
+    conv_id: int,
+    user_id: int,
+    delivered_to: int,
+    read_to: int,
+    now: float,
+) -> None:
+    """Move a member's receipt positions forward (never back) and tell the senders.
+
+    Each other current member who sent a (non-system) message in a range that moved gets
+    one receipt entry with the member's new positions and the conversation's aggregate.
+    """
+    row = conn.execute(
+        "SELECT delivered_seq, read_seq FROM members WHERE conv_id = ? AND user_id = ?",
+        (conv_id, user_id),
+    ).fetchone()
+    if row is None:  # left the conversation since: nothing to record
+        return
+    old_delivered, old_read = int(row[0]), int(row[1])
+    new_read = max(old_read, read_to)
+    new_delivered = max(old_delivered, delivered_to, new_read)
+    if (new_delivered, new_read) == (old_delivered, old_read):
+        return
+    conn.execute(
+        "UPDATE members SET delivered_seq = ?, read_seq = ? WHERE conv_id = ? AND user_id = ?",
+        (new_delivered, new_read, conv_id, user_id),
+    )
+    senders = conn.execute(
+        "SELECT DISTINCT sender_id FROM messages"
+        " WHERE conv_id = ? AND sender_id <> ? AND kind <> 'system'"
+        " AND ((seq > ? AND seq <= ?) OR (seq > ? AND seq <= ?))"
+        " AND sender_id IN (SELECT user_id FROM members WHERE conv_id = ?)"
+        " ORDER BY sender_id",
+        (conv_id, user_id, old_delivered, new_delivered, old_read, new_read, conv_id),
+    ).fetchall()
+    if not senders:
+        return
+    all_delivered, all_read = conn.execute(
+        "SELECT MIN(delivered_seq), MIN(read_seq) FROM members WHERE conv_id = ?", (conv_id,)
+    ).fetchone()
+    state = ReceiptState(
+        conv_id, user_id, new_delivered, new_read, int(all_delivered), int(all_read), now
+    )
+    for (sender,) in senders:
+        inbox.append(int(sender), conv_id, now, receipt=state)
+
+
+def _store_messages(conn: sqlite3.Connection, messages: list[Message]) -> None:
+    """Insert messages with their fan-out jobs; move each sender's own positions past them.
+
+    The caller has already allocated the seqs and updated ``conversations.last_seq``.
+    """
+    conn.executemany(
+        f"INSERT INTO messages ({_MSG_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [dataclasses.astuple(m) for m in messages],
+    )
+    conn.executemany(
+        "INSERT INTO fanout_jobs (conv_id, seq) VALUES (?, ?)",
+        [(m.conv_id, m.seq) for m in messages],
+    )
+    # One update per (conversation, sender): messages are in seq order, so the last wins.
+    own = {(m.conv_id, m.sender_id): m.seq for m in messages}
+    conn.executemany(
+        "UPDATE members SET delivered_seq = MAX(delivered_seq, ?), read_seq = MAX(read_seq, ?)"
+        " WHERE conv_id = ? AND user_id = ?",
+        [(seq, seq, conv, user) for (conv, user), seq in own.items()],
+    )
+
+
+def _find_sent(conn: sqlite3.Connection, key: tuple[int, str]) -> SendResult | None:
+    device, client_id = key
+    if device == 0:
+        return None
+    # "sender_device <> 0" lets SQLite use the partial unique index.
+    row = conn.execute(
+        "SELECT conv_id, seq, ts FROM messages"
+        " WHERE sender_device = ? AND client_id = ? AND sender_device <> 0",
+        (device, client_id),
+    ).fetchone()
+    if row is None:
+        return None
+    return SendResult(int(row[0]), int(row[1]), float(row[2]), client_id, duplicate=False)
+
+
+def _insert_conversation(
+    conn: sqlite3.Connection, kind: ConversationKind, title: str, key: str | None, now: float
+) -> int:
+    row = conn.execute(
+        "INSERT INTO conversations (kind, title, direct_key, created_at, last_activity)"
+        " VALUES (?, ?, ?, ?, ?) RETURNING id",
+        (kind, title, key, now, now),
+    ).fetchone()
+    return int(row[0])
+
+
+def _insert_members(
+    conn: sqlite3.Connection,
+    conv_id: int,
+    roles: Iterable[tuple[int, Role]],
+    now: float,
+    last_seq: int,
+) -> None:
+    conn.executemany(
+        "INSERT INTO members (conv_id, user_id, role, joined_at, joined_seq, delivered_seq,"
+        " read_seq) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [(conv_id, user, role, now, last_seq, last_seq, last_seq) for user, role in roles],
+    )
+
+
+def _promote_if_no_admin(conn: sqlite3.Connection, conv_id: int) -> int | None:
+    """If no admin is left, make the longest-standing member admin; return who."""
+    has_admin = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM members WHERE conv_id = ? AND role = 'admin')", (conv_id,)
+    ).fetchone()[0]
+    if has_admin:
+        return None
+    heir = conn.execute(
+        "SELECT user_id FROM members WHERE conv_id = ? ORDER BY joined_at, rowid LIMIT 1",
+        (conv_id,),
+    ).fetchone()
+    if heir is None:
+        return None
+    conn.execute(
+        "UPDATE members SET role = 'admin' WHERE conv_id = ? AND user_id = ?", (conv_id, heir[0])
+    )
+    return int(heir[0])
+
+
+def _require_users(conn: sqlite3.Connection, user_ids: Sequence[int]) -> None:
+    unique = set(user_ids)
+    found = conn.execute(
+        "SELECT COUNT(*) FROM users WHERE id IN (SELECT value FROM json_each(?))",
+        (json.dumps(sorted(unique)),),
+    ).fetchone()[0]
+    if found != len(unique):
+        raise NotFound("unknown user")
+
+
+def _require_member(conn: sqlite3.Connection, conv_id: int, user_id: int) -> Role:
+    role = _role(conn, conv_id, user_id)
+    if role is None:
+        raise NotMember(f"not a member of conversation {conv_id}")
+    return role
+
+
+def _require_group_admin(conn: sqlite3.Connection, conv_id: int, user_id: int) -> None:
+    role = _require_member(conn, conv_id, user_id)
+    if _kind(conn, conv_id) != "group":
+        raise Forbidden("a direct conversation has fixed members")
+    if role != "admin":
+        raise Forbidden("only an admin can do this")
+
+
+def _role(conn: sqlite3.Connection, conv_id: int, user_id: int) -> Role | None:
+    row = conn.execute(
+        "SELECT role FROM members WHERE conv_id = ? AND user_id = ?", (conv_id, user_id)
+    ).fetchone()
+    return None if row is None else cast(Role, row[0])
+
+
+def _kind(conn: sqlite3.Connection, conv_id: int) -> str:
+    row = conn.execute("SELECT kind FROM conversations WHERE id = ?", (conv_id,)).fetchone()
+    return "" if row is None else str(row[0])
+
+
+def _last_seq(conn: sqlite3.Connection, conv_id: int) -> int:
+    row = conn.execute("SELECT last_seq FROM conversations WHERE id = ?", (conv_id,)).fetchone()
+    if row is None:
+        raise NotMember(f"no conversation {conv_id}")
+    return int(row[0])
+
+
+def _inbox_head(conn: sqlite3.Connection, user_id: int) -> int:
+    row = conn.execute("SELECT inbox_head FROM users WHERE id = ?", (user_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"no user {user_id}")
+    return int(row[0])
+
+
+def _member_ids(conn: sqlite3.Connection, conv_id: int) -> list[int]:
+    rows = conn.execute(
+        "SELECT user_id FROM members WHERE conv_id = ? ORDER BY joined_at, rowid", (conv_id,)
+    )
+    return [int(r[0]) for r in rows]
+
+
+def _members(conn: sqlite3.Connection, conv_id: int) -> list[Member]:
+    rows = conn.execute(
+        f"SELECT {_MEMBER_COLS} FROM members WHERE conv_id = ? ORDER BY joined_at, rowid",
+        (conv_id,),
+    )
+    return [_member(r) for r in rows]
+
+
+def _load_conversation(conn: sqlite3.Connection, conv_id: int) -> Conversation:
+    row = conn.execute(f"SELECT {_CONV_COLS} FROM conversations WHERE id = ?", (conv_id,))
+    found = row.fetchone()
+    if found is None:
+        raise NotMember(f"no conversation {conv_id}")
+    return _conversation(found, tuple(_members(conn, conv_id)))
+
+
+def _list_conversations(conn: sqlite3.Connection, user_id: int) -> list[ConversationSummary]:
+    convs = conn.execute(
+        f"SELECT {', '.join('c.' + c for c in _CONV_COLS.split(', '))}, me.read_seq"
+        " FROM members me JOIN conversations c ON c.id = me.conv_id"
+        " WHERE me.user_id = ? ORDER BY c.last_activity DESC, c.id DESC",
+        (user_id,),
+    ).fetchall()
+    members: dict[int, list[Member]] = {}
+    for row in conn.execute(
+        f"SELECT conv_id, {_MEMBER_COLS} FROM members"
+        " WHERE conv_id IN (SELECT conv_id FROM members WHERE user_id = ?)"
+        " ORDER BY conv_id, joined_at, rowid",
+        (user_id,),
+    ):
+        members.setdefault(int(row[0]), []).append(_member(row[1:]))
+    summaries = []
+    for row in convs:
+        conv = _conversation(row[:5], tuple(members.get(int(row[0]), ())))
+        last = conn.execute(
+            f"SELECT {_MSG_COLS} FROM messages WHERE conv_id = ? AND seq = ?",
+            (conv.id, conv.last_seq),
+        ).fetchone()
+        unread = conn.execute(
+            "SELECT COUNT(*) FROM messages WHERE conv_id = ? AND seq > ? AND sender_id <> ?",
+            (conv.id, row[5], user_id),
+        ).fetchone()[0]
+        summaries.append(ConversationSummary(conv, _maybe(_message, last), int(unread)))
+    return summaries
+
+
+# -- rows to records -------------------------------------------------------------------------
+
+
+def _maybe(convert: Callable[[Row], T], row: Row | None) -> T | None:
+    return None if row is None else convert(row)
+
+
+def _user(row: Row) -> User:
+    return User(int(row[0]), str(row[1]), str(row[2]), float(row[3]))
+
+
+def _device(row: Row) -> Device:
+    return Device(
+        id=int(row[0]),
+        user_id=int(row[1]),
+        name=str(row[2]),
+        created_at=float(row[3]),
+        revoked=row[4] is not None,
+        cursor=int(row[5]),
+    )
+
+
+def _member(row: Row) -> Member:
+    return Member(int(row[0]), cast(Role, row[1]), float(row[2]), int(row[3]), int(row[4]))
+
+
+def _conversation(row: Row, members: tuple[Member, ...]) -> Conversation:
+    kind = cast(ConversationKind, row[1])
+    return Conversation(int(row[0]), kind, str(row[2]), float(row[3]), int(row[4]), members)
+
+
+def _message(row: Row) -> Message:
+    return Message(
+        conv_id=int(row[0]),
+        seq=int(row[1]),
+        sender_id=int(row[2]),
+        sender_device=int(row[3]),
+        client_id=str(row[4]),
+        kind=str(row[5]),
+        body=str(row[6]),
+        ts=float(row[7]),
+    )
+
+
+def _receipt_json(state: ReceiptState) -> str:
+    return json.dumps(dataclasses.asdict(state), separators=(",", ":"))
+
+
+def _inbox_entry(row: Row) -> InboxEntry:
+    user_id, inbox_seq, conv_id, ts, receipt = row[:5]
+    message = None if row[5] is None else _message(row[5:])
+    state = None if receipt is None else ReceiptState(**json.loads(receipt))
+    return InboxEntry(
+        int(user_id), int(inbox_seq), int(conv_id), float(ts), message=message, receipt=state
+    )
+
+
+def _map_error(exc: sqlite3.Error) -> StoreError:
+    if isinstance(exc, sqlite3.IntegrityError):
+        return Conflict(str(exc))
+    # Locked, busy, I/O, disk full...: the same call may succeed later.
+    return Unavailable(str(exc))
+
+
+# -- migrations ------------------------------------------------------------------------------
+
+
+def _migrations() -> list[tuple[int, str, str]]:
+    """(number, file name, SQL) of every packaged migration, in order."""
+    found = []
+    for entry in resources.files(MIGRATIONS_PACKAGE).iterdir():
+        name = entry.name
+        if name.endswith(".sql"):
+            found.append((int(name.split("_", 1)[0]), name, entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+def _statements(script: str) -> list[str]:
+    """Split a script into statements, so they can run inside our own transaction
+    (``executescript`` would commit first)."""
+    statements, buffer = [], ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer.strip())
+            buffer = ""
+    if buffer.strip():
+        statements.append(buffer.strip())
+    return statements
+
+
+def _migrate(conn: sqlite3.Connection, clock: Clock) -> None:
+    """Apply each migration above the current schema version, each in its own transaction."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version"
+        " (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
+    )
+    for number, name, script in _migrations():
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Read the version under the write lock: another process may be migrating too.
+            current = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+            if number > int(current.fetchone()[0]):
+                for statement in _statements(script):
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
+                    (number, name, clock()),
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise

@@ -1,0 +1,1 @@
+"""One contract suite for every `pigeon.store.base.Store` implementation."""

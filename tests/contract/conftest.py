@@ -1,0 +1,66 @@
+"""Fixtures for the Store contract suite: each test runs once per backend in `BACKENDS`.
+
+To add a backend, add a factory to `BACKENDS`. A factory gets the test's ``tmp_path`` and
+clock and returns a new, not yet opened store; called again with the same arguments it
+must return a store on the same data (the suite reopens stores to test durability), and
+different ``tmp_path`` values must give independent, empty stores.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from pigeon.store.base import Store
+from pigeon.store.sqlite import SqliteStore
+
+
+class FakeClock:
+    """A clock the test moves by hand. Thread-safe enough: stores only read it."""
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+StoreFactory = Callable[[pathlib.Path, FakeClock], Store]
+
+
+def _sqlite(tmp_path: pathlib.Path, clock: FakeClock) -> Store:
+    return SqliteStore(tmp_path / "pigeon.db", clock=clock)
+
+
+BACKENDS: dict[str, StoreFactory] = {
+    "sqlite": _sqlite,
+}
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def make_store(
+    request: pytest.FixtureRequest, tmp_path: pathlib.Path, clock: FakeClock
+) -> Callable[[], Store]:
+    """A function returning a new (unopened) store on this test's data."""
+    factory = BACKENDS[request.param]
+    return lambda: factory(tmp_path, clock)
+
+
+@pytest.fixture
+async def store(make_store: Callable[[], Store]) -> AsyncIterator[Store]:
+    opened = make_store()
+    await opened.open()
+    try:
+        yield opened
+    finally:
+        await opened.close()
