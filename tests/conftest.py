@@ -40,7 +40,9 @@ def free_port() -> int:
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[Server]:
-    srv = build_server(make_config(tmp_path), fast_passwords())
+    # Generous flood limits: tests send bursts; test_bad_input checks the limits themselves.
+    config = make_config(tmp_path, sends_per_second=10_000.0, send_burst=10_000, frame_burst=10_000)
+    srv = build_server(config, fast_passwords())
     await srv.start()
     yield srv
     await srv.stop()

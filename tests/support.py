@@ -162,3 +162,18 @@ async def connect(
     welcome = await sock.expect("welcome")
     await sock.expect("caught_up")
     return sock, welcome
+
+
+async def eventually(
+    check: Callable[[], Any], timeout: float = TIMEOUT, interval: float = 0.02
+) -> Any:
+    """Poll an async condition until it returns a truthy value (for state with no event,
+    e.g. a durable cursor written in the background)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"condition not met: last {result!r}")
+        await asyncio.sleep(interval)

@@ -92,7 +92,7 @@ async def test_flood_is_rate_limited_and_retryable(
     limited = [a for a in answers if a["type"] == "error"]
     assert len(answers) - len(limited) == 5  # the burst
     assert limited and all(a["code"] == "rate_limited" and a["retryable"] for a in limited)
-    status, history = await api.call("GET", f"/v1/conversations/{conv}/messages", alice.token)
+    _status, history = await api.call("GET", f"/v1/conversations/{conv}/messages", alice.token)
     assert len(history["messages"]) == 5
 
 
