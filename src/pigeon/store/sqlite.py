@@ -161,11 +161,13 @@ class SqliteStore:
         if pool is None:
             raise Unavailable("the store is not open")
         try:
-            return await asyncio.get_running_loop().run_in_executor(pool, call)
+            future = asyncio.get_running_loop().run_in_executor(pool, call)
+        except RuntimeError as exc:  # the executor is shutting down (close() ran meanwhile)
+            raise Unavailable(str(exc)) from exc
+        try:
+            return await future
         except sqlite3.Error as exc:
             raise _map_error(exc) from exc
-        except RuntimeError as exc:  # the executor was shut down under us
-            raise Unavailable(str(exc)) from exc
 
     def _in_write_txn(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn = self._wconn
@@ -299,14 +301,19 @@ class SqliteStore:
     # -- conversations -------------------------------------------------------------------
 
     async def direct_conversation(self, user_id: int, other_id: int) -> Conversation:
-        def txn(conn: sqlite3.Connection) -> Conversation:
-            _require_users(conn, [user_id, other_id])
-            low, high = sorted((user_id, other_id))
-            key = f"{low}:{high}"
+        low, high = sorted((user_id, other_id))
+        key = f"{low}:{high}"
+
+        def find(conn: sqlite3.Connection) -> Conversation | None:
             row = conn.execute("SELECT id FROM conversations WHERE direct_key = ?", (key,))
             found = row.fetchone()
-            if found is not None:
-                return _load_conversation(conn, int(found[0]))
+            return None if found is None else _load_conversation(conn, int(found[0]))
+
+        def txn(conn: sqlite3.Connection) -> Conversation:
+            existing = find(conn)  # again, under the write lock: it may have been created
+            if existing is not None:
+                return existing
+            _require_users(conn, [user_id, other_id])
             now = self._clock()
             conv_id = _insert_conversation(conn, "direct", "", key, now)
             # A direct chat has no admin: nobody can add, remove or rename.
@@ -315,7 +322,9 @@ class SqliteStore:
             )
             return _load_conversation(conn, conv_id)
 
-        return await self._write(txn)
+        # Mostly the conversation exists: look on the reader first, keeping the writer free.
+        existing = await self._read(find)
+        return existing if existing is not None else await self._write(txn)
 
     async def create_group(
         self, creator_id: int, title: str, member_ids: list[int], max_members: int
@@ -499,19 +508,26 @@ class SqliteStore:
             count = min(len(self._send_queue), MAX_SEND_BATCH)
             batch = [self._send_queue.popleft() for _ in range(count)]
             work = [(p.request, p.max_body) for p in batch]
-            outcomes: Sequence[SendResult | StoreError]
+            outcomes: Sequence[SendResult | BaseException]
             try:
                 outcomes = await self._run(
                     self._writer, functools.partial(self._commit_sends, work)
                 )
-            except StoreError as exc:
+            except Exception as exc:  # whole batch failed; never leave a caller hanging
                 outcomes = [exc] * len(batch)
+            except asyncio.CancelledError:
+                for pending in [*batch, *self._send_queue]:
+                    pending.future.cancel()
+                self._send_queue.clear()
+                raise
             for pending, outcome in zip(batch, outcomes, strict=True):
                 if pending.future.done():  # the caller was cancelled
                     continue
                 if isinstance(outcome, StoreError):
                     # A fresh instance per caller: a shared one would share its traceback.
                     pending.future.set_exception(type(outcome)(*outcome.args))
+                elif isinstance(outcome, BaseException):
+                    pending.future.set_exception(outcome)
                 else:
                     pending.future.set_result(outcome)
 
@@ -642,6 +658,8 @@ class SqliteStore:
                 batch.more = True
             else:
                 conn.execute("DELETE FROM fanout_leases WHERE conv_id = ?", (conv_id,))
+        # `more` stays False when the only work left is leased to other workers: their
+        # holders will do it, and calling again at once would only spin.
         inbox.flush()
         return batch
 
@@ -809,26 +827,31 @@ class _InboxAppender:
 def _fanout_conversation(
     conn: sqlite3.Connection, inbox: _InboxAppender, conv_id: int, budget: int, now: float
 ) -> _ConversationFanout:
-    """Fan out up to ``budget`` pending messages of one conversation, in seq order."""
+    """Fan out up to ``budget`` pending messages of one conversation, in seq order.
+
+    Each message goes to the users who were members when it was sent: current members
+    who joined before it, plus those who left (or were removed) after it but before this
+    fan-out ran, including the departure message itself.
+    """
     rows = conn.execute(
         f"SELECT {', '.join('m.' + c for c in _MSG_COLS.split(', '))}"
         " FROM fanout_jobs j JOIN messages m ON m.conv_id = j.conv_id AND m.seq = j.seq"
         " WHERE j.conv_id = ? ORDER BY j.seq LIMIT ?",
         (conv_id, budget),
     ).fetchall()
-    # Members at fan-out time, each from the message after the one current when they joined.
     members = conn.execute(
         "SELECT user_id, joined_seq FROM members WHERE conv_id = ? ORDER BY user_id", (conv_id,)
     ).fetchall()
+    departed = _pending_departures(conn, conv_id)
     entries: list[InboxEntry] = []
     last = 0
     for row in rows:
         message = _message(row)
         last = message.seq
         targets = [int(u) for u, joined_seq in members if joined_seq < message.seq]
-        departed = _departed_user(message)
-        if departed is not None and departed not in targets:
-            targets.append(departed)  # the one removed (or who left) learns of it too
+        for user, after, until in departed:
+            if after < message.seq <= until and user not in targets:
+                targets.append(user)
         entries += [inbox.append(u, conv_id, now, message=message) for u in targets]
     conn.execute("DELETE FROM fanout_jobs WHERE conv_id = ? AND seq <= ?", (conv_id, last))
     remaining = conn.execute(
@@ -837,13 +860,29 @@ def _fanout_conversation(
     return _ConversationFanout(entries, len(rows), bool(remaining))
 
 
-def _departed_user(message: Message) -> int | None:
-    if message.kind != "system":
-        return None
-    event = json.loads(message.body)
-    if event.get("event") in ("removed", "left"):
-        return int(event["user"])
-    return None
+def _pending_departures(conn: sqlite3.Connection, conv_id: int) -> list[tuple[int, int, int]]:
+    """``(user, after, until)``: a user no longer in the members table was a member for
+    the messages ``after < seq <= until``, according to the system messages not yet fanned
+    out (a membership change is committed with its system message, so these are exactly
+    the changes fan-out has not caught up with)."""
+    events = conn.execute(
+        "SELECT m.seq, m.body FROM fanout_jobs j"
+        " JOIN messages m ON m.conv_id = j.conv_id AND m.seq = j.seq"
+        " WHERE j.conv_id = ? AND m.kind = 'system' ORDER BY j.seq",
+        (conv_id,),
+    ).fetchall()
+    joined_after: dict[int, int] = {}  # user -> seq before the pending "added" message
+    spans: list[tuple[int, int, int]] = []
+    for seq, body in events:
+        event = json.loads(body)
+        if event.get("event") == "added":
+            for user in event.get("users", []):
+                joined_after[int(user)] = int(seq) - 1
+        elif event.get("event") in ("removed", "left"):
+            user = int(event["user"])
+            # Joined before every pending message, unless a pending "added" says otherwise.
+            spans.append((user, joined_after.pop(user, 0), int(seq)))
+    return spans
 
 
 def _advance(
