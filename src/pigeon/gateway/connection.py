@@ -70,6 +70,10 @@ class Connection:
         if self._writer is None:
             self._writer = asyncio.create_task(self._drain())
 
+    @property
+    def buffered(self) -> int:
+        return self._out_bytes
+
     async def wait_drained(self) -> None:
         while self._writer is not None and not self.closing:
             await asyncio.shield(self._writer)

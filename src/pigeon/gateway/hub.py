@@ -177,13 +177,18 @@ class Hub:
 
     async def _replay(self, conn: Connection, after: int) -> None:
         page = self.config.replay_page
+        # A backlog must not trip the slow-consumer bound: hand it over in slices, each
+        # once the previous one has reached the socket.
+        slice_bytes = conn.buffer_limit // 4
         while not conn.closing:
             entries = await self.store.inbox_after(conn.user_id, after, page)
-            self._offer(conn, [entry_frame(e) for e in entries])
+            for entry in entries:
+                self._offer(conn, [entry_frame(entry)])
+                if conn.buffered > slice_bytes:
+                    await conn.wait_drained()
             if len(entries) < page:
                 break
             after = entries[-1].inbox_seq
-            await conn.wait_drained()  # bound memory for a long offline backlog
         conn.send(f.CaughtUp(up_to=conn.session.inbox.position))
 
     async def _send(self, conn: Connection, frame: f.Send) -> None:
