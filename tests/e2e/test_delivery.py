@@ -136,3 +136,24 @@ async def test_history_paging(server: Server, api: Api, http: aiohttp.ClientSess
     _, listing = await api.call("GET", "/v1/conversations", bob.token)
     (summary,) = listing["conversations"]
     assert summary["unread"] == 30 and summary["last_message"]["body"] == "p29"
+
+
+async def test_position_older_than_retention_is_told_explicitly(
+    server: Server, api: Api, http: aiohttp.ClientSession
+) -> None:
+    import time
+
+    alice, bob = await api.account(), await api.account()
+    conv = await api.direct(alice, bob)
+    a, _ = await connect(http, server.url, alice)
+    for i in range(5):
+        await a.send({"type": "send", "conv": conv, "client_id": str(i), "body": f"old{i}"})
+    await a.collect("msg", 5)  # fanned out to everyone
+    assert await server.store.prune_inbox(time.time() + 1) >= 10  # retention passed
+    await a.send({"type": "send", "conv": conv, "client_id": "new", "body": "new"})
+    await a.expect(lambda fr: fr.get("type") == "msg" and fr["body"] == "new")
+
+    b, welcome = await connect(http, server.url, bob, resume_from=0)
+    resync = await b.expect("resync")
+    assert resync["reason"] == "retention" and resync["oldest"] == welcome["resume_from"] + 1
+    assert [m["body"] for m in b.frames if m["type"] == "msg"] == ["new"]
