@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from pigeon.client import Client, HttpApi, MessageEvent, ReceiptEvent
@@ -27,7 +29,7 @@ async def test_direct_chat_with_receipts_over_the_real_server(server: Server) ->
     async with HttpApi(server.url) as api:
         await api.register("ana", "password-ana", "Ana")
         bob_user = await api.register("bob", "password-bob", "Bob")
-    options = {"backoff_initial": 0.01, "backoff_max": 0.2}
+    options: dict[str, Any] = {"backoff_initial": 0.01, "backoff_max": 0.2}
     ana = await Client.login(server.url, "ana", "password-ana", "laptop", **options)
     bob = await Client.login(server.url, "bob", "password-bob", "phone", **options)
     async with ana, bob:
