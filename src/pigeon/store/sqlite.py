@@ -578,10 +578,8 @@ class SqliteStore:
             if req.conv_id not in last_seqs:
                 last_seqs[req.conv_id] = _last_seq(conn, req.conv_id)
             seq = last_seqs[req.conv_id] = last_seqs[req.conv_id] + 1
-            messages.append(
-                Message(req.conv_id, seq, req.sender_id, req.sender_device, req.client_id,
-                        req.kind, req.body, now)
-            )  # fmt: skip
+            fields = (req.sender_id, req.sender_device, req.client_id, req.kind, req.body)
+            messages.append(Message(req.conv_id, seq, *fields, ts=now))
             result = SendResult(req.conv_id, seq, now, req.client_id, duplicate=False)
             if req.sender_device != 0:
                 sent[key] = result
