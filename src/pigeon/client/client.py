@@ -206,6 +206,12 @@ class Client:
         return client
 
     @property
+    def resume_position(self) -> int:
+        """The inbox position to resume from after a restart (everything up to it has been
+        handed to the application): persist it with the application's own state."""
+        return self._inbox.ack_position
+
+    @property
     def http(self) -> HttpApi:
         """The HTTP API with this device's token, sharing the client's connection pool."""
         if self._http is None:
