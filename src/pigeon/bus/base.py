@@ -11,6 +11,15 @@ Contract:
 * Routing: ``publish(gateway_id, envelope)`` hands the envelope to the handler that gateway
   passed to ``subscribe``, at most once, in publish order per publisher. Nothing is stored:
   an envelope for a gateway that is gone is dropped (the inbox is the truth).
+* ``refresh`` also re-creates an entry of the gateway that is missing (lapsed, or lost when
+  the bus restarted), so the registry heals within one heartbeat; it never takes over an
+  entry that points at another gateway.
+* Fan-out wake-ups: ``notify_fanout`` makes every handler passed to ``on_fanout``, in any
+  process on the bus, run soon (at most once per burst of notifications), so fan-out
+  workers start on a committed message without waiting for their poll.
+* A bus backend that is down must not take a gateway with it: pushes, registrations and
+  wake-ups are shortcuts and may be dropped (logged); reads that answer a client
+  (``presence``) raise `BusUnavailable`.
 """
 
 from __future__ import annotations
@@ -22,6 +31,11 @@ from typing import Protocol
 from pigeon.bus.envelope import Envelope
 
 EnvelopeHandler = Callable[[Envelope], None]
+FanoutHandler = Callable[[], None]
+
+
+class BusUnavailable(Exception):
+    """The bus backend cannot be reached; the caller may retry later."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,3 +73,9 @@ class Bus(Protocol):
         """Gateways holding a live device of any of these users -> which of the users."""
 
     async def presence(self, user_ids: Iterable[int]) -> list[PresenceState]: ...
+
+    async def notify_fanout(self) -> None:
+        """A message was committed: wake the fan-out workers of every process."""
+
+    async def on_fanout(self, handler: FanoutHandler) -> None:
+        """Call ``handler`` (on the loop) after each burst of ``notify_fanout`` calls."""

@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable, Iterable
 
-from pigeon.bus.base import EnvelopeHandler, PresenceState
+from pigeon.bus.base import EnvelopeHandler, FanoutHandler, PresenceState
 from pigeon.bus.envelope import Envelope
 
 
@@ -18,12 +18,15 @@ class MemoryBus:
         self._devices: dict[tuple[int, int], tuple[str, float]] = {}
         self._by_user: dict[int, set[int]] = {}
         self._last_seen: dict[int, float] = {}
+        self._fanout_handlers: list[FanoutHandler] = []
+        self._fanout_scheduled = False
 
     async def open(self) -> None:
         pass
 
     async def close(self) -> None:
         self._handlers.clear()
+        self._fanout_handlers.clear()
 
     async def subscribe(self, gateway_id: str, handler: EnvelopeHandler) -> None:
         self._handlers[gateway_id] = handler
@@ -56,11 +59,15 @@ class MemoryBus:
     async def refresh(
         self, gateway_id: str, devices: Iterable[tuple[int, int]], ttl_s: float
     ) -> None:
-        expires = self._clock() + ttl_s
+        now = self._clock()
+        expires = now + ttl_s
         for key in devices:
             entry = self._devices.get(key)
-            if entry is not None and entry[0] == gateway_id:
+            # A missing or lapsed entry is re-created: the socket is still here. One that
+            # points at another gateway belongs to the device's newer connection.
+            if entry is None or entry[0] == gateway_id or entry[1] <= now:
                 self._devices[key] = (gateway_id, expires)
+                self._by_user.setdefault(key[0], set()).add(key[1])
 
     async def locate(self, user_ids: Iterable[int]) -> dict[str, list[int]]:
         now = self._clock()
@@ -79,6 +86,20 @@ class MemoryBus:
             )
             for user_id in user_ids
         ]
+
+    async def notify_fanout(self) -> None:
+        # Coalesced: a burst of commits before the handlers run wakes them once.
+        if self._fanout_handlers and not self._fanout_scheduled:
+            self._fanout_scheduled = True
+            asyncio.get_running_loop().call_soon(self._run_fanout_handlers)
+
+    async def on_fanout(self, handler: FanoutHandler) -> None:
+        self._fanout_handlers.append(handler)
+
+    def _run_fanout_handlers(self) -> None:
+        self._fanout_scheduled = False
+        for handler in list(self._fanout_handlers):
+            handler()
 
     def _live_devices(self, user_id: int, now: float) -> list[tuple[str, int]]:
         live = []
