@@ -96,3 +96,17 @@ async def test_outsiders_cannot_read_or_write(
     assert (status, body["code"]) == (403, "forbidden")  # bob is a member, not an admin
     _, history = await api.call("GET", f"/v1/conversations/{group}/messages", alice.token)
     assert [m["kind"] for m in history["messages"]] == ["system"]
+
+
+async def test_profiles_by_id_only_for_people_i_share_a_conversation_with(
+    server: Server, api: Api
+) -> None:
+    alice, bob, eve = await api.account(), await api.account(), await api.account()
+    await api.direct(alice, bob)
+    ids = f"{alice.user_id},{bob.user_id},{eve.user_id}"
+    _, body = await api.call("GET", f"/v1/users?ids={ids}", alice.token)
+    assert sorted(u["username"] for u in body["users"]) == sorted([alice.username, bob.username])
+    _, body = await api.call("GET", f"/v1/users?ids={ids}", eve.token)
+    assert [u["username"] for u in body["users"]] == [eve.username]
+    status, body = await api.call("GET", "/v1/users?ids=1,x", eve.token)
+    assert (status, body["code"]) == (400, "bad_request")

@@ -93,13 +93,21 @@ class _Chat:
         if conv not in self.convs:
             with contextlib.suppress(ApiError):
                 self.convs[conv] = await self.client.http.conversation(conv)
+                await self.learn_names([m.user_id for m in self.convs[conv].members])
         return self.convs.get(conv)
+
+    async def learn_names(self, users: list[int]) -> None:
+        unknown = [u for u in users if u not in self.names and u != self.me]
+        if unknown:
+            for user in await self.client.http.users(unknown):
+                self.names[user.id] = user.display_name or user.username
 
     async def show_list(self) -> None:
         summaries = await self.client.http.conversations()
         self.listing = []
         if not summaries:
             self.say("no conversations yet: /dm username or /group title users...")
+        await self.learn_names([m.user_id for s in summaries for m in s.members])
         for number, summary in enumerate(summaries, 1):
             self.convs[summary.id] = summary
             self.listing.append(summary.id)
@@ -108,6 +116,7 @@ class _Chat:
 
     async def open_conv(self, conv: Conversation) -> None:
         self.convs[conv.id] = conv
+        await self.learn_names([m.user_id for m in conv.members])
         self.open = conv.id
         self.say(f"-- {self.title(conv.id)} --")
         start = max(0, conv.last_seq - _HISTORY_SHOWN)
@@ -169,9 +178,9 @@ class _Chat:
     async def on_message(self, event: MessageEvent) -> None:
         if event.sender == self.me and event.sender_device == self.device:
             return  # already printed when sent
-        if event.sender != self.me and event.sender not in self.names:
-            self.names[event.sender] = f"user{event.sender}"
         await self.conversation(event.conv)
+        with contextlib.suppress(ApiError):
+            await self.learn_names([event.sender])
         self.say(f"[{self.title(event.conv)}] {self.name(event.sender)}: {event.body}")
         if event.conv == self.open:
             await self.client.mark_read(event.conv, event.seq)

@@ -44,6 +44,10 @@ class ApiError(Exception):
         return self.status >= 500 or self.status == 429
 
 
+class _Users(msgspec.Struct):
+    users: list[User]
+
+
 class _Devices(msgspec.Struct):
     devices: list[Device]
 
@@ -142,6 +146,11 @@ class HttpApi:
 
     async def user(self, username: str) -> User:
         return await self._call("GET", f"/v1/users/{username}", User)
+
+    async def users(self, ids: list[int]) -> list[User]:
+        """Profiles of people who share a conversation with me (others are left out)."""
+        query = ",".join(str(i) for i in ids)
+        return (await self._call("GET", f"/v1/users?ids={query}", _Users)).users
 
     # -- conversations ----------------------------------------------------------------
 

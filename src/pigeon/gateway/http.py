@@ -178,6 +178,7 @@ class HttpApi:
             web.post("/v1/sessions", self.login),
             web.delete("/v1/sessions", self.logout),
             web.get("/v1/me", self.me),
+            web.get("/v1/users", self.users_by_id),
             web.get("/v1/users/{username}", self.find_user),
             web.get("/v1/devices", self.devices),
             web.delete("/v1/devices/{device_id}", self.revoke_device),
@@ -269,6 +270,19 @@ class HttpApi:
         if user is None:
             raise ApiError(404, ErrorCode.NOT_FOUND, "no such user")
         return reply(user_json(user))
+
+    async def users_by_id(self, request: web.Request) -> web.Response:
+        """Profiles of people I share a conversation with (``?ids=1,2,3``, at most 256)."""
+        device = await self._device(request)
+        try:
+            ids = [int(part) for part in request.query.get("ids", "").split(",") if part]
+        except ValueError:
+            raise ApiError(400, ErrorCode.BAD_REQUEST, "ids: comma-separated integers") from None
+        if len(ids) > 256:
+            raise ApiError(400, ErrorCode.BAD_REQUEST, "at most 256 ids")
+        visible = set(await self.store.shared_with(device.user_id, ids)) | {device.user_id}
+        users = [await self.store.get_user(i) for i in ids if i in visible]
+        return reply({"users": [user_json(u) for u in users if u is not None]})
 
     async def devices(self, request: web.Request) -> web.Response:
         device = await self._device(request)

@@ -21,6 +21,7 @@ _SUMMARIES: dict[tuple[str, str], str] = {
     ("post", "/v1/sessions"): "Log in: a new device and its token",
     ("delete", "/v1/sessions"): "Log out: revoke the calling device",
     ("get", "/v1/me"): "The calling user",
+    ("get", "/v1/users"): "Profiles by id (?ids=1,2,3) of people sharing a conversation with me",
     ("get", "/v1/users/{username}"): "Look a user up by username",
     ("get", "/v1/devices"): "My devices",
     ("delete", "/v1/devices/{device_id}"): "Revoke one of my devices",
