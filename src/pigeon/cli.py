@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pigeon.auth import Passwords
 from pigeon.config import Config, from_env
-from pigeon.server import build_server, open_store
+from pigeon.server import build_server, open_bus, open_store
 from pigeon.store.errors import Conflict
 
 
@@ -103,6 +103,11 @@ def _parser() -> argparse.ArgumentParser:
     list_p = user_sub.add_parser("list", help="list users")
     server_flags(list_p)
 
+    worker_p = sub.add_parser("worker", help="run fan-out workers only (gateways use --workers 0)")
+    worker_p.add_argument("--workers", type=int, default=1, help="fan-out workers (default 1)")
+    worker_p.add_argument("--bus", dest="bus_url", help="bus URL, e.g. redis://host:6379/0")
+    server_flags(worker_p)
+
     chat_p = sub.add_parser("chat", help="chat in the terminal")
     chat_p.add_argument("--url", default="http://127.0.0.1:8080")
     chat_p.add_argument("--username", required=True)
@@ -119,6 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "serve":
         _run(serve(_config(args)))
+        return 0
+    if args.command == "worker":
+        from pigeon.worker.process import WorkerProcess, run_worker_process
+
+        config = _config(args)
+        process = WorkerProcess(config, open_store(config), open_bus(config), args.workers)
+        _run(run_worker_process(process))
         return 0
     if args.command == "user":
         config = _config(args)

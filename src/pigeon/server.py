@@ -24,6 +24,7 @@ from pigeon.gateway.openapi import openapi_document
 from pigeon.gateway.ws import websocket_handler
 from pigeon.store.base import Store
 from pigeon.worker.fanout import FanoutWorker, RetentionPruner
+from pigeon.worker.wakeup import FanoutNotifier
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,10 @@ def open_store(config: Config) -> Store:
 def open_bus(config: Config) -> Bus:
     if config.bus_url in ("", "memory://"):
         return MemoryBus()
+    if config.bus_url.startswith(("redis://", "rediss://", "unix://")):
+        from pigeon.bus.redis import RedisBus
+
+        return RedisBus(config.bus_url)
     raise ValueError(f"unsupported bus URL: {config.bus_url!r}")
 
 
@@ -54,6 +59,7 @@ class Server:
     passwords: Passwords = field(default_factory=Passwords)
     gateway_id: str = ""
     hub: Hub = field(init=False)
+    _notifier: FanoutNotifier = field(init=False)
     workers: list[FanoutWorker] = field(default_factory=list)
     _runner: web.AppRunner | None = None
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
@@ -62,6 +68,7 @@ class Server:
     def __post_init__(self) -> None:
         self.gateway_id = self.gateway_id or self.config.gateway_id or "gw-" + secrets.token_hex(4)
         router = Router(self.bus)
+        self._notifier = FanoutNotifier(self.bus)
         self.workers = [
             FanoutWorker(self.store, router, f"{self.gateway_id}-w{i}")
             for i in range(self.config.workers)
@@ -73,6 +80,8 @@ class Server:
     def _wake_workers(self) -> None:
         for worker in self.workers:
             worker.wake()
+        if not self.workers:  # the workers are `pigeon worker` processes: wake them
+            self._notifier()
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[problem_middleware], client_max_size=1024 * 1024)
@@ -92,6 +101,8 @@ class Server:
         await self.bus.open()
         await self.hub.start()
         for worker in self.workers:
+            # Also woken by gateways in other processes that run no workers themselves.
+            await self.bus.on_fanout(worker.wake)
             self._tasks.append(asyncio.create_task(worker.run()))
         if self.workers:
             pruner = RetentionPruner(self.store, self.config.inbox_retention_days)
@@ -120,6 +131,7 @@ class Server:
             for task in self._tasks[len(self.workers) :]:
                 task.cancel()
             await asyncio.wait(self._tasks, timeout=self.config.shutdown_grace_s)
+        await self._notifier.drain(self.config.shutdown_grace_s)
         await self.bus.close()
         await self.store.close()
 

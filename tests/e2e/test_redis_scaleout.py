@@ -1,0 +1,48 @@
+"""Scaled out on the Redis bus: a gateway with no workers, fan-out in a worker "process".
+
+The gateway and the worker share nothing but the store's file and Redis, as separate
+processes would. The worker polls only every 30 s, so a prompt delivery proves the gateway
+woke it through the bus (`notify_fanout`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import aiohttp
+
+from pigeon.bus.redis import RedisBus
+from pigeon.server import Server
+from pigeon.store.sqlite import SqliteStore
+from pigeon.worker.process import WorkerProcess
+from tests.conftest import fast_passwords, make_config
+from tests.support import Api, connect
+
+
+async def test_gateway_without_workers_is_served_by_a_worker_process(
+    tmp_path: Path, redis_url: str, http: aiohttp.ClientSession
+) -> None:
+    prefix = f"e2e-{uuid.uuid4().hex[:12]}"
+    config = replace(make_config(tmp_path), workers=0, bus_url=redis_url)
+    db = tmp_path / "pigeon.sqlite3"
+    gateway = Server(config, SqliteStore(db), RedisBus(redis_url, prefix), fast_passwords())
+    worker = WorkerProcess(config, SqliteStore(db), RedisBus(redis_url, prefix), 2, poll_s=30.0)
+    await gateway.start()
+    await worker.start()
+    try:
+        assert gateway.workers == []
+        api = Api(http, gateway.url)
+        alice, bob = await api.account("alice"), await api.account("bob")
+        conv = await api.direct(alice, bob)
+        a, _ = await connect(http, gateway.url, alice)
+        b, _ = await connect(http, gateway.url, bob)
+
+        await a.send({"type": "send", "conv": conv, "client_id": "a1", "body": "via redis"})
+        seq = (await a.expect("sent"))["seq"]
+        got = await b.expect(lambda fr: fr.get("type") == "msg" and fr["seq"] == seq)
+        assert (got["body"], got["sender"]) == ("via redis", alice.user_id)
+    finally:
+        await gateway.stop()
+        await worker.stop()
