@@ -123,6 +123,9 @@ class RedisBus:
         self._fanout_handlers: list[FanoutHandler] = []
         self._pubsub: PubSub | None = None
         self._pubsub_lock = asyncio.Lock()
+        # channel -> resolved when Redis confirms the subscription (see `_listen`)
+        self._confirmed: dict[str, asyncio.Future[None]] = {}
+        self._subscribe_timeout_s = command_timeout_s
         self._wanted = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
         # publishing: queued and sent in pipelines by one flusher task
@@ -365,6 +368,15 @@ class RedisBus:
         return channels
 
     async def _listen(self, channel: str) -> None:
+        """Subscribe to ``channel`` and return once Redis confirmed it.
+
+        Waiting for the confirmation is what makes a publish after ``subscribe`` returns
+        arrive. If Redis is down, give up waiting after a while: the reader subscribes to
+        every wanted channel when it reconnects.
+        """
+        confirmed = self._confirmed.get(channel)
+        if confirmed is None or confirmed.done():
+            confirmed = self._confirmed[channel] = asyncio.get_running_loop().create_future()
         self._wanted.set()
         if self._reader is None:
             self._reader = asyncio.create_task(self._read_forever())
@@ -375,6 +387,10 @@ class RedisBus:
                     await self._pubsub.subscribe(channel)
                 except RedisError as exc:
                     self._failed("subscribe", exc)
+        try:
+            await asyncio.wait_for(asyncio.shield(confirmed), self._subscribe_timeout_s)
+        except TimeoutError:
+            log.warning("redis bus: subscription to %s not confirmed yet; continuing", channel)
 
     async def _read_forever(self) -> None:
         """Read pub/sub messages; on any connection failure, reconnect and resubscribe.
@@ -388,7 +404,7 @@ class RedisBus:
             if not self._channels():
                 self._wanted.clear()
                 await self._wanted.wait()
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._client.pubsub()
             try:
                 async with self._pubsub_lock:
                     await pubsub.subscribe(*self._channels())
@@ -413,9 +429,17 @@ class RedisBus:
             backoff = min(backoff * 2, RECONNECT_MAX_S)
 
     def _dispatch(self, message: dict[str, Any]) -> None:
+        raw_channel = message.get("channel")
+        if not isinstance(raw_channel, bytes):  # e.g. a pong
+            return
+        channel = raw_channel.decode()
+        if message.get("type") == "subscribe":
+            confirmed = self._confirmed.pop(channel, None)
+            if confirmed is not None and not confirmed.done():
+                confirmed.set_result(None)
+            return
         if message.get("type") != "message":
             return
-        channel = message["channel"].decode()
         try:
             if channel == self._fanout_channel:
                 for fanout_handler in list(self._fanout_handlers):
