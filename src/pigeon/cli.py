@@ -114,6 +114,10 @@ def _parser() -> argparse.ArgumentParser:
     chat_p.add_argument("--password", help="(prompted for if not given)")
     chat_p.add_argument("--register", action="store_true", help="create the account first")
     chat_p.add_argument("--display-name")
+
+    from pigeon.bench.runner import add_arguments as bench_arguments
+
+    bench_arguments(sub.add_parser("bench", help="benchmarks (docs/benchmarks.md)"))
     return parser
 
 
@@ -146,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
             return code
         _run(list_users(config))
         return 0
+    if args.command == "bench":
+        from pigeon.bench.runner import main as bench_main
+
+        return bench_main(args)
     if args.command == "chat":
         from pigeon.client.chat import run_chat
 
