@@ -13,7 +13,7 @@ from argon2 import PasswordHasher
 from pigeon.auth import Passwords
 from pigeon.config import Config, Limits
 from pigeon.server import Server, build_server
-from tests.services import ServiceUnavailable, redis_server
+from tests.services import ServiceUnavailable, postgres_server, redis_server
 from tests.support import Api
 
 
@@ -76,3 +76,19 @@ def redis_url() -> Iterator[str]:
             yield server.url
     except ServiceUnavailable as exc:
         pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL server for this test session: $PIGEON_TEST_POSTGRES_URL if set, else a
+    throwaway server started from the local binaries (skips if there are none). Tests take
+    a fresh database each (`services.create_database`)."""
+    url = os.environ.get("PIGEON_TEST_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    try:
+        with postgres_server() as dsn:
+            yield dsn
+    except ServiceUnavailable as exc:
+        pytest.skip(f"PostgreSQL unavailable: {exc}")

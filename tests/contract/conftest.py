@@ -1,20 +1,24 @@
 """Fixtures for the Store contract suite: each test runs once per backend in `BACKENDS`.
 
-To add a backend, add a factory to `BACKENDS`. A factory gets the test's ``tmp_path`` and
+To add an embedded backend, add a factory to `BACKENDS`. A factory gets the test's ``tmp_path`` and
 clock and returns a new, not yet opened store; called again with the same arguments it
 must return a store on the same data (the suite reopens stores to test durability), and
-different ``tmp_path`` values must give independent, empty stores.
+different ``tmp_path`` values must give independent, empty stores. Server backends
+(PostgreSQL) get a fresh database per test instead, dropped afterwards.
 """
 
 from __future__ import annotations
 
 import pathlib
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
 from pigeon.store.base import Store
+from pigeon.store.postgres import PostgresStore
 from pigeon.store.sqlite import SqliteStore
+from tests.services import create_database, drop_database
 
 
 class FakeClock:
@@ -47,13 +51,28 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture(params=sorted(BACKENDS))
-def make_store(
+#: Backends on a database server, given by a session fixture yielding its URL.
+SERVER_BACKENDS: dict[str, str] = {
+    "postgresql": "postgres_url",
+}
+
+
+@pytest.fixture(params=sorted([*BACKENDS, *SERVER_BACKENDS]))
+async def make_store(
     request: pytest.FixtureRequest, tmp_path: pathlib.Path, clock: FakeClock
-) -> Callable[[], Store]:
+) -> AsyncIterator[Callable[[], Store]]:
     """A function returning a new (unopened) store on this test's data."""
-    factory = BACKENDS[request.param]
-    return lambda: factory(tmp_path, clock)
+    if request.param in BACKENDS:
+        factory = BACKENDS[request.param]
+        yield lambda: factory(tmp_path, clock)
+        return
+    # Requested here, not as an argument: runs with only SQLite start no server.
+    server: Any = request.getfixturevalue(SERVER_BACKENDS[request.param])
+    dsn = await create_database(server)
+    try:
+        yield lambda: PostgresStore(dsn, clock=clock, pool_size=4)
+    finally:
+        await drop_database(server, dsn)
 
 
 @pytest.fixture

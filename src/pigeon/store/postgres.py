@@ -1,0 +1,1415 @@
+"""The scaled store: PostgreSQL through an asyncpg connection pool.
+
+Same semantics as `pigeon.store.sqlite` (system messages, receipts as inbox entries, fan-out
+leases, group commit), made safe for many processes on one database:
+
+* Seqs: every transaction that allocates a conversation's seq first locks the conversation
+  row (``FOR UPDATE``, several rows in id order), then reads what it depends on (membership,
+  idempotency keys) and only then writes. Gateways in different processes are therefore
+  serialised per conversation, and seqs stay gapless and unique.
+* Inbox positions: users' rows are locked in id order, then ``inbox_head`` is moved by the
+  batch's count with one ``UPDATE ... RETURNING``.
+* Fan-out: each conversation has a ``fanout_leases`` row. A worker locks the rows it can own
+  (free, expired, or already its own) with ``FOR UPDATE SKIP LOCKED``, writes the entries, and
+  extends or frees the lease, all in one transaction: the lock is the fence, so a worker whose
+  lease was taken over commits nothing for that conversation.
+* Deadlocks and serialisation failures (which the lock ordering makes rare) are retried.
+
+Group commit: ``send_message`` calls queue up and one task commits everything queued (up to
+``MAX_SEND_BATCH``) in one transaction with a handful of statements over arrays
+(research/limits.md, 3b: batches of 100-1000 reach 30-50k rows/s, against 2-5k for one row per
+transaction).
+
+Connection trouble (refused, reset, server restarting, pool exhausted) raises `Unavailable`;
+the pool replaces broken connections on later calls, so the store recovers by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import json
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any, TypeVar, cast
+
+import asyncpg
+
+from pigeon.store.errors import (
+    BadPosition,
+    Conflict,
+    Forbidden,
+    LimitExceeded,
+    NotFound,
+    NotMember,
+    StoreError,
+    Unavailable,
+)
+from pigeon.store.models import (
+    Conversation,
+    ConversationKind,
+    ConversationSummary,
+    Device,
+    FanoutBatch,
+    InboxBounds,
+    InboxEntry,
+    Member,
+    Message,
+    ReceiptState,
+    Role,
+    SendRequest,
+    SendResult,
+    User,
+)
+
+T = TypeVar("T")
+Clock = Callable[[], float]
+Row = Sequence[Any]  # an asyncpg Record, or a slice of one
+Conn = Any  # asyncpg.Connection (asyncpg ships no type information)
+Txn = Callable[[Conn], Awaitable[T]]
+
+#: Most sends committed in one transaction; bigger batches gain little and delay the first.
+MAX_SEND_BATCH = 512
+#: Inbox rows at or above this go in with COPY, below with one INSERT over arrays (3b).
+COPY_THRESHOLD = 256
+#: How long a call waits for a free pooled connection before answering Unavailable.
+ACQUIRE_TIMEOUT_S = 10.0
+#: How long one statement may run before the call answers Unavailable.
+COMMAND_TIMEOUT_S = 30.0
+#: Attempts for a transaction that hit a deadlock or serialisation failure.
+TXN_ATTEMPTS = 5
+MIGRATIONS_PACKAGE = "pigeon.store.migrations.postgresql"
+#: pg_advisory_lock key held while migrating ("pigeon" in ASCII).
+MIGRATION_LOCK = 0x706967656F6E
+
+_USER_COLS = "id, username, display_name, created_at"
+_DEVICE_COLS = "id, user_id, name, created_at, revoked_at, cursor"
+_CONV_COLS = "id, kind, title, created_at, last_seq"
+_MEMBER_COLS = "user_id, role, joined_at, delivered_seq, read_seq"
+_MSG_COLS = "conv_id, seq, sender_id, sender_device, client_id, kind, body, ts"
+_M_MSG_COLS = ", ".join("m." + c for c in _MSG_COLS.split(", "))
+_MEMBER_ORDER = "joined_at, joined_order"
+
+#: Errors that mean "the database cannot be reached right now"; the call may succeed later.
+_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,  # class 08: connection failures
+    asyncpg.exceptions.OperatorInterventionError,  # 57: shutting down, cannot connect now
+    asyncpg.exceptions.InsufficientResourcesError,  # 53: too many connections, disk full
+    asyncpg.InterfaceError,  # connection closed under us, pool closing
+    OSError,  # refused, reset, unreachable (ConnectionRefusedError is one)
+    TimeoutError,  # pool acquire or command timeout
+)
+_RETRY_ERRORS = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
+
+
+class PostgresStore:
+    """`pigeon.store.base.Store` on a PostgreSQL database."""
+
+    def __init__(self, dsn: str, *, clock: Clock = time.time, pool_size: int = 10) -> None:
+        self._dsn = dsn
+        self._clock = clock
+        self._pool_size = pool_size
+        self._pool: asyncpg.Pool | None = None
+        self._send_queue: deque[_PendingSend] = deque()
+        self._send_task: asyncio.Task[None] | None = None
+        # Round-robin position of fanout over conversations, per instance.
+        self._fanout_after = 0
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        try:
+            pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=1,
+                max_size=self._pool_size,
+                command_timeout=COMMAND_TIMEOUT_S,
+            )
+        except _UNAVAILABLE_ERRORS as exc:
+            raise Unavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+        try:
+            async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+                await _migrate(conn, self._clock)
+        except BaseException as exc:
+            pool.terminate()
+            if isinstance(exc, _UNAVAILABLE_ERRORS):
+                raise Unavailable(f"cannot migrate: {exc}") from exc
+            raise
+        self._pool = pool
+
+    async def close(self) -> None:
+        if self._send_task is not None and not self._send_task.done():
+            # Let queued sends commit (or fail) before the pool goes away.
+            await asyncio.wait({self._send_task})
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    # -- running work --------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Conn]:
+        pool = self._pool
+        if pool is None:
+            raise Unavailable("the store is not open")
+        try:
+            async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+                yield conn
+        except _UNAVAILABLE_ERRORS as exc:
+            raise Unavailable(f"PostgreSQL unavailable: {exc}") from exc
+
+    async def _write(self, fn: Txn[T]) -> T:
+        """Run ``fn`` in one read-committed transaction; database errors become StoreErrors."""
+        try:
+            return await self._transaction(fn)
+        except asyncpg.PostgresError as exc:
+            raise _map_error(exc) from exc
+
+    async def _transaction(self, fn: Txn[T]) -> T:
+        """Run ``fn`` in one read-committed transaction, retried on deadlock."""
+        for attempt in range(TXN_ATTEMPTS):
+            try:
+                async with self._connection() as conn, conn.transaction():
+                    return await fn(conn)
+            except _RETRY_ERRORS:
+                if attempt == TXN_ATTEMPTS - 1:
+                    raise Unavailable("too much contention; try again") from None
+                await asyncio.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    async def _read(self, fn: Txn[T]) -> T:
+        """Run ``fn`` in one read-only snapshot (several statements see one state)."""
+        async with (
+            self._connection() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            return await fn(conn)
+
+    # -- users and devices ---------------------------------------------------------------
+
+    async def create_user(self, username: str, display_name: str, password_hash: str) -> User:
+        async def txn(conn: Conn) -> User:
+            try:
+                row = await conn.fetchrow(
+                    "INSERT INTO users (username, display_name, password_hash, created_at)"
+                    f" VALUES ($1, $2, $3, $4) RETURNING {_USER_COLS}",
+                    username,
+                    display_name,
+                    password_hash,
+                    self._clock(),
+                )
+            except asyncpg.UniqueViolationError as exc:
+                raise Conflict(f"username {username!r} is taken") from exc
+            return _user(row)
+
+        return await self._write(txn)
+
+    async def get_user(self, user_id: int) -> User | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(f"SELECT {_USER_COLS} FROM users WHERE id = $1", user_id)
+        return _maybe(_user, row)
+
+    async def find_user(self, username: str) -> User | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_USER_COLS} FROM users WHERE lower(username) = lower($1)", username
+            )
+        return _maybe(_user, row)
+
+    async def password_hash(self, user_id: int) -> str:
+        async with self._connection() as conn:
+            found = await conn.fetchval("SELECT password_hash FROM users WHERE id = $1", user_id)
+        if found is None:
+            raise NotFound(f"no user {user_id}")
+        return str(found)
+
+    async def set_password_hash(self, user_id: int, password_hash: str) -> None:
+        async def txn(conn: Conn) -> None:
+            status = await conn.execute(
+                "UPDATE users SET password_hash = $1 WHERE id = $2", password_hash, user_id
+            )
+            if _rowcount(status) == 0:
+                raise NotFound(f"no user {user_id}")
+
+        await self._write(txn)
+
+    async def list_users(self) -> list[User]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(f"SELECT {_USER_COLS} FROM users ORDER BY id")
+        return [_user(r) for r in rows]
+
+    async def create_device(self, user_id: int, name: str, token_hash: str) -> Device:
+        async def txn(conn: Conn) -> Device:
+            head = await _inbox_head(conn, user_id)
+            try:
+                row = await conn.fetchrow(
+                    "INSERT INTO devices (user_id, name, token_hash, created_at, cursor)"
+                    f" VALUES ($1, $2, $3, $4, $5) RETURNING {_DEVICE_COLS}",
+                    user_id,
+                    name,
+                    token_hash,
+                    self._clock(),
+                    head,
+                )
+            except asyncpg.UniqueViolationError as exc:
+                raise Conflict("token hash already in use") from exc
+            return _device(row)
+
+        return await self._write(txn)
+
+    async def device_for_token(self, token_hash: str) -> Device | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_DEVICE_COLS} FROM devices WHERE token_hash = $1 AND revoked_at IS NULL",
+                token_hash,
+            )
+        return _maybe(_device, row)
+
+    async def list_devices(self, user_id: int) -> list[Device]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_DEVICE_COLS} FROM devices WHERE user_id = $1 ORDER BY id", user_id
+            )
+        return [_device(r) for r in rows]
+
+    async def revoke_device(self, user_id: int, device_id: int) -> bool:
+        async def txn(conn: Conn) -> bool:
+            status = await conn.execute(
+                "UPDATE devices SET revoked_at = $1"
+                " WHERE user_id = $2 AND id = $3 AND revoked_at IS NULL",
+                self._clock(),
+                user_id,
+                device_id,
+            )
+            return _rowcount(status) > 0
+
+        return await self._write(txn)
+
+    # -- conversations -------------------------------------------------------------------
+
+    async def direct_conversation(self, user_id: int, other_id: int) -> Conversation:
+        low, high = sorted((user_id, other_id))
+        key = f"{low}:{high}"
+
+        async def find(conn: Conn) -> Conversation | None:
+            found = await conn.fetchval("SELECT id FROM conversations WHERE direct_key = $1", key)
+            return None if found is None else await _load_conversation(conn, int(found))
+
+        async def txn(conn: Conn) -> Conversation:
+            await _require_users(conn, [user_id, other_id])
+            now = self._clock()
+            # Another process may create the pair at the same time: the unique key decides.
+            conv_id = await conn.fetchval(
+                "INSERT INTO conversations (kind, title, direct_key, created_at, last_activity)"
+                " VALUES ('direct', '', $1, $2, $2) ON CONFLICT (direct_key) DO NOTHING"
+                " RETURNING id",
+                key,
+                now,
+            )
+            if conv_id is None:
+                existing = await find(conn)
+                assert existing is not None  # the conflicting row is committed
+                return existing
+            await _insert_lease(conn, conv_id)
+            # A direct chat has no admin: nobody can add, remove or rename.
+            users = list(dict.fromkeys((low, high)))
+            await _insert_members(conn, conv_id, [(u, "member") for u in users], now, 0)
+            return await _load_conversation(conn, conv_id)
+
+        existing = await self._read(find)  # mostly it exists: no write needed
+        return existing if existing is not None else await self._write(txn)
+
+    async def create_group(
+        self, creator_id: int, title: str, member_ids: list[int], max_members: int
+    ) -> Conversation:
+        async def txn(conn: Conn) -> Conversation:
+            users = list(dict.fromkeys([creator_id, *member_ids]))  # dedup, keep order
+            if len(users) > max_members:
+                raise LimitExceeded(f"a group has at most {max_members} members")
+            await _require_users(conn, users)
+            now = self._clock()
+            conv_id = await conn.fetchval(
+                "INSERT INTO conversations (kind, title, created_at, last_activity)"
+                " VALUES ('group', $1, $2, $2) RETURNING id",
+                title,
+                now,
+            )
+            await _insert_lease(conn, conv_id)
+            roles: list[tuple[int, Role]] = [(creator_id, "admin")]
+            roles += [(u, "member") for u in users[1:]]
+            await _insert_members(conn, conv_id, roles, now, 0)
+            event = {"event": "created", "title": title, "by": creator_id, "users": users}
+            await _append_system(conn, conv_id, creator_id, event, now)
+            return await _load_conversation(conn, conv_id)
+
+        return await self._write(txn)
+
+    async def add_members(
+        self, actor_id: int, conv_id: int, user_ids: list[int], max_members: int
+    ) -> Conversation:
+        async def txn(conn: Conn) -> Conversation:
+            last_seq = await _lock_conversation(conn, conv_id)
+            await _require_group_admin(conn, conv_id, actor_id)
+            current = set(await _member_ids(conn, conv_id))
+            new = [u for u in dict.fromkeys(user_ids) if u not in current]
+            if not new:
+                return await _load_conversation(conn, conv_id)
+            await _require_users(conn, new)
+            if len(current) + len(new) > max_members:
+                raise LimitExceeded(f"a group has at most {max_members} members")
+            now = self._clock()
+            # New members start at the current last seq: the "added" message is their first.
+            # The conversation row is locked, so no send can slip in between.
+            await _insert_members(conn, conv_id, [(u, "member") for u in new], now, last_seq)
+            event = {"event": "added", "users": new, "by": actor_id}
+            await _append_system(conn, conv_id, actor_id, event, now)
+            return await _load_conversation(conn, conv_id)
+
+        return await self._write(txn)
+
+    async def remove_member(self, actor_id: int, conv_id: int, user_id: int) -> Conversation:
+        async def txn(conn: Conn) -> Conversation:
+            await _lock_conversation(conn, conv_id)
+            if user_id == actor_id:
+                await self._leave(conn, actor_id, conv_id)
+                return await _load_conversation(conn, conv_id)
+            await _require_group_admin(conn, conv_id, actor_id)
+            if await _role(conn, conv_id, user_id) is None:
+                raise NotFound(f"user {user_id} is not a member of conversation {conv_id}")
+            await conn.execute(
+                "DELETE FROM members WHERE conv_id = $1 AND user_id = $2", conv_id, user_id
+            )
+            event = {"event": "removed", "user": user_id, "by": actor_id}
+            await _append_system(conn, conv_id, actor_id, event, self._clock())
+            return await _load_conversation(conn, conv_id)
+
+        return await self._write(txn)
+
+    async def leave(self, user_id: int, conv_id: int) -> None:
+        async def txn(conn: Conn) -> None:
+            await _lock_conversation(conn, conv_id)
+            await self._leave(conn, user_id, conv_id)
+
+        await self._write(txn)
+
+    async def _leave(self, conn: Conn, user_id: int, conv_id: int) -> None:
+        """Leave a group; the caller holds the conversation's row lock."""
+        role = await _role(conn, conv_id, user_id)
+        if role is None:
+            raise NotMember(f"not a member of conversation {conv_id}")
+        if await _kind(conn, conv_id) != "group":
+            # The pair's one direct conversation must keep both members to stay findable.
+            raise Forbidden("cannot leave a direct conversation")
+        await conn.execute(
+            "DELETE FROM members WHERE conv_id = $1 AND user_id = $2", conv_id, user_id
+        )
+        event: dict[str, Any] = {"event": "left", "user": user_id}
+        if role == "admin":
+            heir = await _promote_if_no_admin(conn, conv_id)
+            if heir is not None:
+                event["admin"] = heir
+        await _append_system(conn, conv_id, user_id, event, self._clock())
+
+    async def rename(self, actor_id: int, conv_id: int, title: str) -> Conversation:
+        async def txn(conn: Conn) -> Conversation:
+            await _lock_conversation(conn, conv_id)
+            if await _role(conn, conv_id, actor_id) is None:
+                raise NotMember(f"not a member of conversation {conv_id}")
+            if await _kind(conn, conv_id) != "group":
+                raise Forbidden("only groups have a title")
+            await conn.execute("UPDATE conversations SET title = $1 WHERE id = $2", title, conv_id)
+            event = {"event": "renamed", "title": title, "by": actor_id}
+            await _append_system(conn, conv_id, actor_id, event, self._clock())
+            return await _load_conversation(conn, conv_id)
+
+        return await self._write(txn)
+
+    async def get_conversation(self, conv_id: int, user_id: int) -> Conversation:
+        async def txn(conn: Conn) -> Conversation:
+            await _require_member(conn, conv_id, user_id)
+            return await _load_conversation(conn, conv_id)
+
+        return await self._read(txn)
+
+    async def member_ids(self, conv_id: int) -> list[int]:
+        async with self._connection() as conn:
+            return await _member_ids(conn, conv_id)
+
+    async def list_conversations(self, user_id: int) -> list[ConversationSummary]:
+        return await self._read(lambda conn: _list_conversations(conn, user_id))
+
+    async def history(
+        self,
+        conv_id: int,
+        user_id: int,
+        *,
+        before: int | None = None,
+        after: int | None = None,
+        limit: int = 50,
+    ) -> list[Message]:
+        async def txn(conn: Conn) -> list[Message]:
+            await _require_member(conn, conv_id, user_id)
+            if limit <= 0:
+                return []
+            upper = before if before is not None else 2**62
+            if after is not None:  # the `limit` just above `after` (and below `before`)
+                rows = await conn.fetch(
+                    f"SELECT {_MSG_COLS} FROM messages"
+                    " WHERE conv_id = $1 AND seq > $2 AND seq < $3 ORDER BY seq LIMIT $4",
+                    conv_id,
+                    after,
+                    upper,
+                    limit,
+                )
+            else:  # the `limit` just below `before`, or the newest
+                rows = await conn.fetch(
+                    f"SELECT {_MSG_COLS} FROM messages"
+                    " WHERE conv_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
+                    conv_id,
+                    upper,
+                    limit,
+                )
+                rows.reverse()
+            return [_message(r) for r in rows]
+
+        return await self._read(txn)
+
+    async def contacts(self, user_id: int, max_group_size: int) -> list[int]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT DISTINCT other.user_id FROM members me"
+                " JOIN conversations c ON c.id = me.conv_id"
+                " JOIN members other ON other.conv_id = me.conv_id"
+                " WHERE me.user_id = $1 AND other.user_id <> me.user_id AND (c.kind = 'direct'"
+                "  OR (SELECT count(*) FROM members n WHERE n.conv_id = c.id) <= $2)"
+                " ORDER BY other.user_id",
+                user_id,
+                max_group_size,
+            )
+        return [int(r[0]) for r in rows]
+
+    async def shared_with(self, user_id: int, others: list[int]) -> list[int]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT DISTINCT other.user_id FROM members me"
+                " JOIN members other ON other.conv_id = me.conv_id"
+                " WHERE me.user_id = $1 AND other.user_id = ANY($2::bigint[])",
+                user_id,
+                others,
+            )
+        shared = {int(r[0]) for r in rows}
+        return [u for u in dict.fromkeys(others) if u in shared]
+
+    # -- sending (group commit) ----------------------------------------------------------
+
+    async def send_message(self, request: SendRequest, max_body: int) -> SendResult:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[SendResult] = loop.create_future()
+        self._send_queue.append(_PendingSend(request, max_body, future))
+        if self._send_task is None or self._send_task.done():
+            self._send_task = loop.create_task(self._send_loop())
+        return await future
+
+    async def _send_loop(self) -> None:
+        """Commit queued sends, many per transaction, until the queue is empty.
+
+        While one batch is being committed, new sends pile up and become the next batch:
+        the busier the store, the bigger the batches.
+        """
+        while self._send_queue:
+            count = min(len(self._send_queue), MAX_SEND_BATCH)
+            batch = [self._send_queue.popleft() for _ in range(count)]
+            work = [(p.request, p.max_body) for p in batch]
+            outcomes: Sequence[SendResult | BaseException]
+            try:
+                outcomes = await self._commit_sends(work)
+            except Exception as exc:  # whole batch failed; never leave a caller hanging
+                outcomes = [exc] * len(batch)
+            except asyncio.CancelledError:
+                for pending in [*batch, *self._send_queue]:
+                    pending.future.cancel()
+                self._send_queue.clear()
+                raise
+            for pending, outcome in zip(batch, outcomes, strict=True):
+                if pending.future.done():  # the caller was cancelled
+                    continue
+                if isinstance(outcome, StoreError):
+                    # A fresh instance per caller: a shared one would share its traceback.
+                    pending.future.set_exception(type(outcome)(*outcome.args))
+                elif isinstance(outcome, BaseException):
+                    pending.future.set_exception(outcome)
+                else:
+                    pending.future.set_result(outcome)
+
+    async def _commit_sends(
+        self, work: list[tuple[SendRequest, int]]
+    ) -> list[SendResult | StoreError]:
+        try:
+            return await self._transaction(lambda conn: self._send_batch(conn, work))
+        except asyncpg.PostgresError:
+            if len(work) == 1:
+                raise
+        # Checks before writing make this unexpected (e.g. one device reusing a client_id
+        # in two conversations at once); still, one bad request must not fail the others.
+        outcomes: list[SendResult | StoreError] = []
+        for item in work:
+            try:
+                outcomes += await self._transaction(functools.partial(self._send_one, item))
+            except asyncpg.PostgresError as exc:
+                outcomes.append(_map_error(exc))
+        return outcomes
+
+    async def _send_one(
+        self, item: tuple[SendRequest, int], conn: Conn
+    ) -> list[SendResult | StoreError]:
+        return await self._send_batch(conn, [item])
+
+    async def _send_batch(
+        self, conn: Conn, work: list[tuple[SendRequest, int]]
+    ) -> list[SendResult | StoreError]:
+        """Validate and write a batch of sends; a failing request yields its error, writes
+        nothing, and does not affect the others."""
+        now = self._clock()
+        fits = [len(req.body) <= max_body for req, max_body in work]
+        requests = [req for (req, _), ok in zip(work, fits, strict=True) if ok]
+        # Lock first, read after: a concurrent membership change or retry of the same send
+        # in another process has then either committed (and is seen) or waits for us.
+        await _lock_conversations(conn, {r.conv_id for r in requests})
+        prior = await _find_sent(conn, requests)
+        members = await _existing_members(conn, requests)
+        plan = _SendPlan(now)
+        for (req, max_body), ok in zip(work, fits, strict=True):
+            if not ok:
+                plan.fail(LimitExceeded(f"body longer than {max_body} characters"))
+            elif (req.sender_device, req.client_id) in prior:
+                # A retry returns the original result, even if membership changed since.
+                original = prior[(req.sender_device, req.client_id)]
+                plan.done(dataclasses.replace(original, duplicate=True))
+            elif (req.conv_id, req.sender_id) not in members:
+                plan.fail(NotMember(f"not a member of conversation {req.conv_id}"))
+            else:
+                plan.accept(req)
+        last_seqs = await _allocate_seqs(conn, plan.counts(), now)
+        messages = plan.assign(last_seqs)
+        await _store_messages(conn, messages)
+        return plan.outcomes()
+
+    # -- fan-out -------------------------------------------------------------------------
+
+    async def fanout(self, worker_id: str, max_messages: int, lease_s: float) -> FanoutBatch:
+        return await self._write(lambda conn: self._fanout(conn, worker_id, max_messages, lease_s))
+
+    async def _fanout(
+        self, conn: Conn, worker_id: str, max_messages: int, lease_s: float
+    ) -> FanoutBatch:
+        now = self._clock()
+        convs = await self._claim(conn, worker_id, now, max(max_messages, 0) + 1)
+        inbox = _InboxAppender()
+        batch = FanoutBatch()
+        leases: list[tuple[int, str, float]] = []
+        budget = max_messages
+        for conv_id in convs:
+            if budget <= 0:
+                batch.more = True  # conversations not served in this call
+                break
+            done = await _fanout_conversation(conn, inbox, conv_id, budget, now)
+            budget -= done.messages
+            self._fanout_after = conv_id
+            if done.remaining:
+                leases.append((conv_id, worker_id, now + lease_s))
+                batch.more = True
+            else:
+                leases.append((conv_id, "", 0.0))
+        # `more` stays False when the only work left is leased to other workers: their
+        # holders will do it, and calling again at once would only spin.
+        await conn.execute(
+            "UPDATE fanout_leases l SET owner = n.owner, expires_at = n.expires_at"
+            " FROM unnest($1::bigint[], $2::text[], $3::float8[]) AS n(conv_id, owner, expires_at)"
+            " WHERE l.conv_id = n.conv_id",
+            *_columns(leases, 3),
+        )
+        batch.entries = await inbox.flush(conn)
+        return batch
+
+    async def _claim(self, conn: Conn, worker_id: str, now: float, limit: int) -> list[int]:
+        """Lock the lease rows of up to ``limit`` conversations with pending jobs that this
+        worker may serve: its own unexpired leases, then free or expired ones.
+
+        The row locks last until commit, so verifying, writing and extending a lease are one
+        atomic step (fencing). Free rows another worker has locked are skipped, not waited
+        for. Its own leases are waited for instead: another worker's claim can hold one for
+        a moment (PostgreSQL keeps the lock of a row that failed the recheck after a
+        concurrent update), and skipping it would strand the conversation until expiry.
+        Round robin: conversations after the one served last come first, so one long
+        backlog does not starve the others.
+        """
+        pending = "l.conv_id IN (SELECT DISTINCT conv_id FROM fanout_jobs)"
+        order = "ORDER BY l.conv_id <= $3, l.conv_id LIMIT $4"
+        own = await conn.fetch(
+            f"SELECT l.conv_id FROM fanout_leases l WHERE {pending}"
+            f" AND l.owner = $1 AND l.expires_at > $2 {order} FOR UPDATE",
+            worker_id,
+            now,
+            self._fanout_after,
+            limit,
+        )
+        free = await conn.fetch(
+            f"SELECT l.conv_id FROM fanout_leases l WHERE {pending}"
+            # ($1 <> '': an empty worker id would look like a free lease.)
+            f" AND (l.owner = '' OR l.expires_at <= $2) AND $1 <> '' {order}"
+            " FOR UPDATE SKIP LOCKED",
+            worker_id,
+            now,
+            self._fanout_after,
+            limit,
+        )
+        convs = {int(r[0]) for r in [*own, *free]}
+        after = self._fanout_after
+        return sorted(convs, key=lambda c: (c <= after, c))[:limit]
+
+    # -- inbox and receipts --------------------------------------------------------------
+
+    async def inbox_after(self, user_id: int, after: int, limit: int) -> list[InboxEntry]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT i.user_id, i.inbox_seq, i.conv_id, i.ts, i.receipt,"
+                f" {_M_MSG_COLS} FROM inbox i"
+                " LEFT JOIN messages m ON m.conv_id = i.conv_id AND m.seq = i.msg_seq"
+                " WHERE i.user_id = $1 AND i.inbox_seq > $2 ORDER BY i.inbox_seq LIMIT $3",
+                user_id,
+                after,
+                max(limit, 0),
+            )
+        return [_inbox_entry(r) for r in rows]
+
+    async def inbox_bounds(self, user_id: int) -> InboxBounds:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                "SELECT inbox_floor, inbox_head FROM users WHERE id = $1", user_id
+            )
+        if row is None:
+            raise NotFound(f"no user {user_id}")
+        return InboxBounds(floor=int(row[0]), head=int(row[1]))
+
+    async def ack(self, device_id: int, up_to: int) -> list[InboxEntry]:
+        async def txn(conn: Conn) -> list[InboxEntry]:
+            row = await conn.fetchrow(
+                "SELECT user_id, cursor FROM devices WHERE id = $1 AND revoked_at IS NULL"
+                " FOR UPDATE",
+                device_id,
+            )
+            if row is None:
+                raise NotFound(f"no device {device_id}")
+            user_id, cursor = int(row[0]), int(row[1])
+            new_cursor = min(up_to, await _inbox_head(conn, user_id))
+            if new_cursor <= cursor:
+                return []
+            await conn.execute(
+                "UPDATE devices SET cursor = $1 WHERE user_id = $2 AND id = $3",
+                new_cursor,
+                user_id,
+                device_id,
+            )
+            # The highest message acked per conversation: delivered is cumulative.
+            acked = await conn.fetch(
+                "SELECT conv_id, max(msg_seq) FROM inbox WHERE user_id = $1 AND inbox_seq > $2"
+                " AND inbox_seq <= $3 AND msg_seq IS NOT NULL GROUP BY conv_id ORDER BY conv_id",
+                user_id,
+                cursor,
+                new_cursor,
+            )
+            inbox = _InboxAppender()
+            now = self._clock()
+            for conv_id, seq in acked:
+                await _advance(conn, inbox, int(conv_id), user_id, int(seq), 0, now)
+            return await inbox.flush(conn)
+
+        return await self._write(txn)
+
+    async def mark_read(self, user_id: int, conv_id: int, up_to_seq: int) -> list[InboxEntry]:
+        async def txn(conn: Conn) -> list[InboxEntry]:
+            await _require_member(conn, conv_id, user_id)
+            last = await _last_seq(conn, conv_id)
+            if not 0 <= up_to_seq <= last:
+                raise BadPosition(f"seq {up_to_seq} is beyond the last message ({last})")
+            inbox = _InboxAppender()
+            # Read implies delivered: both move.
+            await _advance(conn, inbox, conv_id, user_id, up_to_seq, up_to_seq, self._clock())
+            return await inbox.flush(conn)
+
+        return await self._write(txn)
+
+    async def receipts(self, conv_id: int, user_id: int) -> list[Member]:
+        async def txn(conn: Conn) -> list[Member]:
+            await _require_member(conn, conv_id, user_id)
+            return await _members(conn, conv_id)
+
+        return await self._read(txn)
+
+    async def prune_inbox(self, older_than: float) -> int:
+        async def txn(conn: Conn) -> int:
+            # Prune a prefix per user (up to its newest old entry), so that the remaining
+            # inbox stays gapless above the floor even if the clock ever stepped back.
+            deleted = await conn.fetchval(
+                "WITH floors AS (SELECT user_id, max(inbox_seq) AS floor FROM inbox"
+                "  WHERE ts < $1 GROUP BY user_id),"
+                " raised AS (UPDATE users u SET inbox_floor = greatest(u.inbox_floor, f.floor)"
+                "  FROM floors f WHERE u.id = f.user_id),"
+                " gone AS (DELETE FROM inbox i USING floors f"
+                "  WHERE i.user_id = f.user_id AND i.inbox_seq <= f.floor RETURNING 1)"
+                " SELECT count(*) FROM gone",
+                older_than,
+            )
+            return int(deleted)
+
+        return await self._write(txn)
+
+
+# -- helpers: plain functions over a connection, inside the caller's transaction -----------
+
+
+@dataclasses.dataclass(slots=True)
+class _PendingSend:
+    request: SendRequest
+    max_body: int
+    future: asyncio.Future[SendResult]
+
+
+@dataclasses.dataclass(slots=True)
+class _ConversationFanout:
+    messages: int  # how many messages were fanned out
+    remaining: bool  # jobs left in the conversation
+
+
+class _SendPlan:
+    """The outcome of each request of a send batch, in order, while seqs are allocated.
+
+    Accepted requests get their seq only once the conversation counters were moved; a
+    repeat of an accepted request within the batch (same device and client_id) shares it.
+    """
+
+    def __init__(self, now: float) -> None:
+        self._now = now
+        self._slots: list[SendResult | StoreError | SendRequest | int] = []
+        self._accepted: dict[tuple[int, str], int] = {}  # key -> slot of the original
+
+    def fail(self, error: StoreError) -> None:
+        self._slots.append(error)
+
+    def done(self, result: SendResult) -> None:
+        self._slots.append(result)
+
+    def accept(self, req: SendRequest) -> None:
+        key = (req.sender_device, req.client_id)
+        original = self._accepted.get(key) if req.sender_device != 0 else None
+        if original is not None:
+            self._slots.append(original)  # a repeat: refers to the original's slot
+            return
+        self._accepted[key] = len(self._slots)
+        self._slots.append(req)
+
+    def counts(self) -> dict[int, int]:
+        """How many new messages each conversation gets."""
+        counts: dict[int, int] = {}
+        for slot in self._slots:
+            if isinstance(slot, SendRequest):
+                counts[slot.conv_id] = counts.get(slot.conv_id, 0) + 1
+        return counts
+
+    def assign(self, last_seqs: dict[int, int]) -> list[Message]:
+        """Turn accepted requests into messages, given each conversation's new last seq."""
+        counts = self.counts()
+        next_seq = {conv: last - counts[conv] + 1 for conv, last in last_seqs.items()}
+        messages: list[Message] = []
+        for index, slot in enumerate(self._slots):
+            if isinstance(slot, SendRequest):
+                seq = next_seq[slot.conv_id]
+                next_seq[slot.conv_id] += 1
+                fields = (slot.sender_id, slot.sender_device, slot.client_id, slot.kind)
+                messages.append(Message(slot.conv_id, seq, *fields, slot.body, ts=self._now))
+                self._slots[index] = SendResult(
+                    slot.conv_id, seq, self._now, slot.client_id, duplicate=False
+                )
+        return messages
+
+    def outcomes(self) -> list[SendResult | StoreError]:
+        resolved: list[SendResult | StoreError] = []
+        for slot in self._slots:
+            if isinstance(slot, int):
+                original = self._slots[slot]
+                assert isinstance(original, SendResult)
+                resolved.append(dataclasses.replace(original, duplicate=True))
+            else:
+                assert not isinstance(slot, SendRequest), "assign() first"
+                resolved.append(slot)
+        return resolved
+
+
+class _InboxAppender:
+    """Collects inbox entries within one transaction and writes them in bulk at the end.
+
+    Positions are allocated at ``flush``: the users' rows are locked in id order (so two
+    transactions appending to overlapping users cannot deadlock), each head moves once by
+    its user's count, and the entries take the positions in the order they were appended.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[int, int, float, Message | None, ReceiptState | None]] = []
+
+    def append(
+        self,
+        user_id: int,
+        conv_id: int,
+        ts: float,
+        message: Message | None = None,
+        receipt: ReceiptState | None = None,
+    ) -> None:
+        self._pending.append((user_id, conv_id, ts, message, receipt))
+
+    async def flush(self, conn: Conn) -> list[InboxEntry]:
+        """Write what was appended; return the entries in the order they were appended."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return []
+        counts: dict[int, int] = {}
+        for user_id, *_ in pending:
+            counts[user_id] = counts.get(user_id, 0) + 1
+        users = sorted(counts)
+        await conn.execute(
+            "SELECT 1 FROM users WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE", users
+        )
+        rows = await conn.fetch(
+            "UPDATE users u SET inbox_head = u.inbox_head + n.count"
+            " FROM unnest($1::bigint[], $2::bigint[]) AS n(id, count) WHERE u.id = n.id"
+            " RETURNING u.id, u.inbox_head",
+            users,
+            [counts[u] for u in users],
+        )
+        # The first new position of each user is just above its old head.
+        position = {int(r[0]): int(r[1]) - counts[int(r[0])] for r in rows}
+        entries: list[InboxEntry] = []
+        for user_id, conv_id, ts, message, receipt in pending:
+            position[user_id] += 1
+            entry = InboxEntry(
+                user_id, position[user_id], conv_id, ts, message=message, receipt=receipt
+            )
+            entries.append(entry)
+        await _insert_inbox(conn, entries)
+        return entries
+
+
+async def _insert_inbox(conn: Conn, entries: list[InboxEntry]) -> None:
+    records = [
+        (
+            e.user_id,
+            e.inbox_seq,
+            e.conv_id,
+            e.message.seq if e.message is not None else None,
+            _receipt_json(e.receipt) if e.receipt is not None else None,
+            e.ts,
+        )
+        for e in entries
+    ]
+    columns = ["user_id", "inbox_seq", "conv_id", "msg_seq", "receipt", "ts"]
+    if len(records) >= COPY_THRESHOLD:  # COPY wins for big fan-outs (3b), costs more for few
+        await conn.copy_records_to_table("inbox", records=records, columns=columns)
+        return
+    await conn.execute(
+        f"INSERT INTO inbox ({', '.join(columns)}) SELECT * FROM unnest($1::bigint[],"
+        " $2::bigint[], $3::bigint[], $4::bigint[], $5::text[], $6::float8[])",
+        *_columns(records, len(columns)),
+    )
+
+
+async def _fanout_conversation(
+    conn: Conn, inbox: _InboxAppender, conv_id: int, budget: int, now: float
+) -> _ConversationFanout:
+    """Fan out up to ``budget`` pending messages of one conversation, in seq order.
+
+    Each message goes to the users who were members when it was sent: current members
+    who joined before it, plus those who left (or were removed) after it but before this
+    fan-out ran, including the departure message itself. (Members are read before the
+    departures, so a change committed in between shows up in the departures.)
+    """
+    rows = await conn.fetch(
+        f"SELECT {_M_MSG_COLS} FROM fanout_jobs j"
+        " JOIN messages m ON m.conv_id = j.conv_id AND m.seq = j.seq"
+        " WHERE j.conv_id = $1 ORDER BY j.seq LIMIT $2",
+        conv_id,
+        budget,
+    )
+    members = await conn.fetch(
+        "SELECT user_id, joined_seq FROM members WHERE conv_id = $1 ORDER BY user_id", conv_id
+    )
+    departed = await _pending_departures(conn, conv_id)
+    last = 0
+    for row in rows:
+        message = _message(row)
+        last = message.seq
+        targets = [int(u) for u, joined_seq in members if joined_seq < message.seq]
+        for user, after, until in departed:
+            if after < message.seq <= until and user not in targets:
+                targets.append(user)
+        for user in targets:
+            inbox.append(user, conv_id, now, message=message)
+    remaining = await conn.fetchval(
+        "WITH gone AS (DELETE FROM fanout_jobs WHERE conv_id = $1 AND seq <= $2)"
+        " SELECT EXISTS (SELECT 1 FROM fanout_jobs WHERE conv_id = $1 AND seq > $2)",
+        conv_id,
+        last,
+    )
+    return _ConversationFanout(len(rows), bool(remaining))
+
+
+async def _pending_departures(conn: Conn, conv_id: int) -> list[tuple[int, int, int]]:
+    """``(user, after, until)``: a user no longer in the members table was a member for
+    the messages ``after < seq <= until``, according to the system messages not yet fanned
+    out (a membership change is committed with its system message, so these are exactly
+    the changes fan-out has not caught up with)."""
+    events = await conn.fetch(
+        "SELECT m.seq, m.body FROM fanout_jobs j"
+        " JOIN messages m ON m.conv_id = j.conv_id AND m.seq = j.seq"
+        " WHERE j.conv_id = $1 AND m.kind = 'system' ORDER BY j.seq",
+        conv_id,
+    )
+    joined_after: dict[int, int] = {}  # user -> seq before the pending "added" message
+    spans: list[tuple[int, int, int]] = []
+    for seq, body in events:
+        event = json.loads(body)
+        if event.get("event") == "added":
+            for user in event.get("users", []):
+                joined_after[int(user)] = int(seq) - 1
+        elif event.get("event") in ("removed", "left"):
+            user = int(event["user"])
+            # Joined before every pending message, unless a pending "added" says otherwise.
+            spans.append((user, joined_after.pop(user, 0), int(seq)))
+    return spans
+
+
+async def _advance(
+    conn: Conn,
+    inbox: _InboxAppender,
+    conv_id: int,
+    user_id: int,
+    delivered_to: int,
+    read_to: int,
+    now: float,
+) -> None:
+    """Move a member's receipt positions forward (never back) and tell the senders.
+
+    Each other current member who sent a (non-system) message in a range that moved gets
+    one receipt entry with the member's new positions and the conversation's aggregate.
+    """
+    row = await conn.fetchrow(
+        "SELECT delivered_seq, read_seq FROM members WHERE conv_id = $1 AND user_id = $2"
+        " FOR UPDATE",
+        conv_id,
+        user_id,
+    )
+    if row is None:  # left the conversation since: nothing to record
+        return
+    old_delivered, old_read = int(row[0]), int(row[1])
+    new_read = max(old_read, read_to)
+    new_delivered = max(old_delivered, delivered_to, new_read)
+    if (new_delivered, new_read) == (old_delivered, old_read):
+        return
+    await conn.execute(
+        "UPDATE members SET delivered_seq = $1, read_seq = $2 WHERE conv_id = $3 AND user_id = $4",
+        new_delivered,
+        new_read,
+        conv_id,
+        user_id,
+    )
+    senders = await conn.fetch(
+        "SELECT DISTINCT sender_id FROM messages"
+        " WHERE conv_id = $1 AND sender_id <> $2 AND kind <> 'system'"
+        " AND ((seq > $3 AND seq <= $4) OR (seq > $5 AND seq <= $6))"
+        " AND sender_id IN (SELECT user_id FROM members WHERE conv_id = $1)"
+        " ORDER BY sender_id",
+        conv_id,
+        user_id,
+        old_delivered,
+        new_delivered,
+        old_read,
+        new_read,
+    )
+    if not senders:
+        return
+    aggregate = await conn.fetchrow(
+        "SELECT min(delivered_seq), min(read_seq) FROM members WHERE conv_id = $1", conv_id
+    )
+    state = ReceiptState(
+        conv_id, user_id, new_delivered, new_read, int(aggregate[0]), int(aggregate[1]), now
+    )
+    for (sender,) in senders:
+        inbox.append(int(sender), conv_id, now, receipt=state)
+
+
+async def _lock_conversation(conn: Conn, conv_id: int) -> int:
+    """Lock one conversation row (serialising its seq allocation); return its last seq."""
+    last = await conn.fetchval(
+        "SELECT last_seq FROM conversations WHERE id = $1 FOR UPDATE", conv_id
+    )
+    if last is None:
+        raise NotMember(f"no conversation {conv_id}")
+    return int(last)
+
+
+async def _lock_conversations(conn: Conn, conv_ids: Iterable[int]) -> None:
+    """Lock conversation rows in id order, so two batches cannot deadlock on them."""
+    ids = sorted(conv_ids)
+    if ids:
+        await conn.execute(
+            "SELECT 1 FROM conversations WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE",
+            ids,
+        )
+
+
+async def _allocate_seqs(conn: Conn, counts: dict[int, int], now: float) -> dict[int, int]:
+    """Move each conversation's ``last_seq`` by its count; return the new last seqs."""
+    if not counts:
+        return {}
+    rows = await conn.fetch(
+        "UPDATE conversations c SET last_seq = c.last_seq + n.count, last_activity = $3"
+        " FROM unnest($1::bigint[], $2::bigint[]) AS n(id, count) WHERE c.id = n.id"
+        " RETURNING c.id, c.last_seq",
+        list(counts),
+        list(counts.values()),
+        now,
+    )
+    return {int(r[0]): int(r[1]) for r in rows}
+
+
+async def _find_sent(
+    conn: Conn, requests: Sequence[SendRequest]
+) -> dict[tuple[int, str], SendResult]:
+    """Already committed sends among ``requests``, by (sender_device, client_id)."""
+    keys = list({(r.sender_device, r.client_id) for r in requests if r.sender_device != 0})
+    if not keys:
+        return {}
+    # "sender_device <> 0" lets PostgreSQL use the partial unique index.
+    rows = await conn.fetch(
+        "SELECT m.sender_device, m.client_id, m.conv_id, m.seq, m.ts FROM messages m"
+        " JOIN unnest($1::bigint[], $2::text[]) AS k(device, client_id)"
+        " ON m.sender_device = k.device AND m.client_id = k.client_id"
+        " WHERE m.sender_device <> 0",
+        *_columns(keys, 2),
+    )
+    return {
+        (int(r[0]), str(r[1])): SendResult(
+            int(r[2]), int(r[3]), float(r[4]), str(r[1]), duplicate=False
+        )
+        for r in rows
+    }
+
+
+async def _existing_members(conn: Conn, requests: Sequence[SendRequest]) -> set[tuple[int, int]]:
+    """The (conv_id, user_id) pairs among the senders of ``requests`` that are members."""
+    pairs = list({(r.conv_id, r.sender_id) for r in requests})
+    if not pairs:
+        return set()
+    rows = await conn.fetch(
+        "SELECT m.conv_id, m.user_id FROM members m"
+        " JOIN unnest($1::bigint[], $2::bigint[]) AS p(conv_id, user_id)"
+        " ON m.conv_id = p.conv_id AND m.user_id = p.user_id",
+        *_columns(pairs, 2),
+    )
+    return {(int(r[0]), int(r[1])) for r in rows}
+
+
+async def _store_messages(conn: Conn, messages: list[Message]) -> None:
+    """Insert messages with their fan-out jobs; move each sender's own positions past them.
+
+    The caller has already allocated the seqs and updated ``conversations.last_seq``.
+    """
+    if not messages:
+        return
+    await conn.execute(
+        f"WITH added AS (INSERT INTO messages ({_MSG_COLS})"
+        "  SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[],"
+        "  $5::text[], $6::text[], $7::text[], $8::float8[]) RETURNING conv_id, seq)"
+        " INSERT INTO fanout_jobs (conv_id, seq) SELECT conv_id, seq FROM added",
+        *_columns([dataclasses.astuple(m) for m in messages], 8),
+    )
+    # One update per (conversation, sender): messages are in seq order, so the last wins.
+    own = {(m.conv_id, m.sender_id): m.seq for m in messages}
+    await conn.execute(
+        "UPDATE members m SET delivered_seq = greatest(m.delivered_seq, o.seq),"
+        " read_seq = greatest(m.read_seq, o.seq)"
+        " FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS o(conv_id, user_id, seq)"
+        " WHERE m.conv_id = o.conv_id AND m.user_id = o.user_id",
+        *_columns([(conv, user, seq) for (conv, user), seq in own.items()], 3),
+    )
+
+
+async def _append_system(
+    conn: Conn, conv_id: int, actor_id: int, event: dict[str, Any], now: float
+) -> Message:
+    """Record a group change as a system message, through the same path as user messages."""
+    seq = await conn.fetchval(
+        "UPDATE conversations SET last_seq = last_seq + 1, last_activity = $1"
+        " WHERE id = $2 RETURNING last_seq",
+        now,
+        conv_id,
+    )
+    body = json.dumps(event, separators=(",", ":"))
+    message = Message(conv_id, int(seq), actor_id, 0, "", "system", body, now)
+    await _store_messages(conn, [message])
+    return message
+
+
+async def _insert_lease(conn: Conn, conv_id: int) -> None:
+    await conn.execute("INSERT INTO fanout_leases (conv_id) VALUES ($1)", conv_id)
+
+
+async def _insert_members(
+    conn: Conn, conv_id: int, roles: Iterable[tuple[int, Role]], now: float, last_seq: int
+) -> None:
+    users, kinds = _columns(list(roles), 2)
+    # WITH ORDINALITY + ORDER BY: joined_order follows the given order (creator first).
+    await conn.execute(
+        "INSERT INTO members (conv_id, user_id, role, joined_at, joined_seq, delivered_seq,"
+        " read_seq) SELECT $1, r.user_id, r.role, $4, $5, $5, $5"
+        " FROM unnest($2::bigint[], $3::text[]) WITH ORDINALITY AS r(user_id, role, n)"
+        " ORDER BY r.n",
+        conv_id,
+        users,
+        kinds,
+        now,
+        last_seq,
+    )
+
+
+async def _promote_if_no_admin(conn: Conn, conv_id: int) -> int | None:
+    """If no admin is left, make the longest-standing member admin; return who."""
+    has_admin = await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM members WHERE conv_id = $1 AND role = 'admin')", conv_id
+    )
+    if has_admin:
+        return None
+    heir = await conn.fetchval(
+        f"SELECT user_id FROM members WHERE conv_id = $1 ORDER BY {_MEMBER_ORDER} LIMIT 1",
+        conv_id,
+    )
+    if heir is None:
+        return None
+    await conn.execute(
+        "UPDATE members SET role = 'admin' WHERE conv_id = $1 AND user_id = $2", conv_id, heir
+    )
+    return int(heir)
+
+
+async def _require_users(conn: Conn, user_ids: Sequence[int]) -> None:
+    unique = sorted(set(user_ids))
+    found = await conn.fetchval("SELECT count(*) FROM users WHERE id = ANY($1::bigint[])", unique)
+    if found != len(unique):
+        raise NotFound("unknown user")
+
+
+async def _require_member(conn: Conn, conv_id: int, user_id: int) -> Role:
+    role = await _role(conn, conv_id, user_id)
+    if role is None:
+        raise NotMember(f"not a member of conversation {conv_id}")
+    return role
+
+
+async def _require_group_admin(conn: Conn, conv_id: int, user_id: int) -> None:
+    role = await _require_member(conn, conv_id, user_id)
+    if await _kind(conn, conv_id) != "group":
+        raise Forbidden("a direct conversation has fixed members")
+    if role != "admin":
+        raise Forbidden("only an admin can do this")
+
+
+async def _role(conn: Conn, conv_id: int, user_id: int) -> Role | None:
+    role = await conn.fetchval(
+        "SELECT role FROM members WHERE conv_id = $1 AND user_id = $2", conv_id, user_id
+    )
+    return None if role is None else cast(Role, role)
+
+
+async def _kind(conn: Conn, conv_id: int) -> str:
+    kind = await conn.fetchval("SELECT kind FROM conversations WHERE id = $1", conv_id)
+    return "" if kind is None else str(kind)
+
+
+async def _last_seq(conn: Conn, conv_id: int) -> int:
+    last = await conn.fetchval("SELECT last_seq FROM conversations WHERE id = $1", conv_id)
+    if last is None:
+        raise NotMember(f"no conversation {conv_id}")
+    return int(last)
+
+
+async def _inbox_head(conn: Conn, user_id: int) -> int:
+    head = await conn.fetchval("SELECT inbox_head FROM users WHERE id = $1", user_id)
+    if head is None:
+        raise NotFound(f"no user {user_id}")
+    return int(head)
+
+
+async def _member_ids(conn: Conn, conv_id: int) -> list[int]:
+    rows = await conn.fetch(
+        f"SELECT user_id FROM members WHERE conv_id = $1 ORDER BY {_MEMBER_ORDER}", conv_id
+    )
+    return [int(r[0]) for r in rows]
+
+
+async def _members(conn: Conn, conv_id: int) -> list[Member]:
+    rows = await conn.fetch(
+        f"SELECT {_MEMBER_COLS} FROM members WHERE conv_id = $1 ORDER BY {_MEMBER_ORDER}",
+        conv_id,
+    )
+    return [_member(r) for r in rows]
+
+
+async def _load_conversation(conn: Conn, conv_id: int) -> Conversation:
+    row = await conn.fetchrow(f"SELECT {_CONV_COLS} FROM conversations WHERE id = $1", conv_id)
+    if row is None:
+        raise NotMember(f"no conversation {conv_id}")
+    return _conversation(row, tuple(await _members(conn, conv_id)))
+
+
+async def _list_conversations(conn: Conn, user_id: int) -> list[ConversationSummary]:
+    convs = await conn.fetch(
+        f"SELECT {', '.join('c.' + c for c in _CONV_COLS.split(', '))},"
+        " (SELECT count(*) FROM messages u"
+        "  WHERE u.conv_id = c.id AND u.seq > me.read_seq AND u.sender_id <> me.user_id),"
+        f" {_M_MSG_COLS}"
+        " FROM members me JOIN conversations c ON c.id = me.conv_id"
+        " LEFT JOIN messages m ON m.conv_id = c.id AND m.seq = c.last_seq"
+        " WHERE me.user_id = $1 ORDER BY c.last_activity DESC, c.id DESC",
+        user_id,
+    )
+    members: dict[int, list[Member]] = {}
+    for row in await conn.fetch(
+        f"SELECT conv_id, {_MEMBER_COLS} FROM members"
+        " WHERE conv_id IN (SELECT conv_id FROM members WHERE user_id = $1)"
+        f" ORDER BY conv_id, {_MEMBER_ORDER}",
+        user_id,
+    ):
+        members.setdefault(int(row[0]), []).append(_member(row[1:]))
+    summaries = []
+    for row in convs:
+        conv = _conversation(row[:5], tuple(members.get(int(row[0]), ())))
+        last = None if row[6] is None else _message(row[6:])
+        summaries.append(ConversationSummary(conv, last, int(row[5])))
+    return summaries
+
+
+# -- rows to records -------------------------------------------------------------------------
+
+
+def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
+    """Rows to columns, for ``unnest($1::type[], $2::type[], ...)``."""
+    return [[row[i] for row in rows] for i in range(width)]
+
+
+def _rowcount(status: str) -> int:
+    """The row count of a command status such as ``UPDATE 3``."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+def _maybe(convert: Callable[[Row], T], row: Row | None) -> T | None:
+    return None if row is None else convert(row)
+
+
+def _user(row: Row) -> User:
+    return User(int(row[0]), str(row[1]), str(row[2]), float(row[3]))
+
+
+def _device(row: Row) -> Device:
+    return Device(
+        id=int(row[0]),
+        user_id=int(row[1]),
+        name=str(row[2]),
+        created_at=float(row[3]),
+        revoked=row[4] is not None,
+        cursor=int(row[5]),
+    )
+
+
+def _member(row: Row) -> Member:
+    return Member(int(row[0]), cast(Role, row[1]), float(row[2]), int(row[3]), int(row[4]))
+
+
+def _conversation(row: Row, members: tuple[Member, ...]) -> Conversation:
+    kind = cast(ConversationKind, row[1])
+    return Conversation(int(row[0]), kind, str(row[2]), float(row[3]), int(row[4]), members)
+
+
+def _message(row: Row) -> Message:
+    return Message(
+        conv_id=int(row[0]),
+        seq=int(row[1]),
+        sender_id=int(row[2]),
+        sender_device=int(row[3]),
+        client_id=str(row[4]),
+        kind=str(row[5]),
+        body=str(row[6]),
+        ts=float(row[7]),
+    )
+
+
+def _receipt_json(state: ReceiptState) -> str:
+    return json.dumps(dataclasses.asdict(state), separators=(",", ":"))
+
+
+def _inbox_entry(row: Row) -> InboxEntry:
+    user_id, inbox_seq, conv_id, ts, receipt = row[:5]
+    message = None if row[5] is None else _message(row[5:])
+    state = None if receipt is None else ReceiptState(**json.loads(receipt))
+    return InboxEntry(
+        int(user_id), int(inbox_seq), int(conv_id), float(ts), message=message, receipt=state
+    )
+
+
+def _map_error(exc: BaseException) -> StoreError:
+    if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
+        return Conflict(str(exc))
+    # Connection trouble, timeouts, contention...: the same call may succeed later.
+    return Unavailable(str(exc))
+
+
+# -- migrations ------------------------------------------------------------------------------
+
+
+def _migrations() -> list[tuple[int, str, str]]:
+    """(number, file name, SQL) of every packaged migration, in order."""
+    found = []
+    for entry in resources.files(MIGRATIONS_PACKAGE).iterdir():
+        name = entry.name
+        if name.endswith(".sql"):
+            found.append((int(name.split("_", 1)[0]), name, entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+async def _migrate(conn: Conn, clock: Clock) -> None:
+    """Apply each migration above the current schema version, each in its own transaction.
+
+    Under a session advisory lock: processes starting at once take turns, and each sees
+    the versions the previous one applied (CREATE TABLE IF NOT EXISTS alone can race).
+    """
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+    try:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version (version integer PRIMARY KEY,"
+            " name text NOT NULL, applied_at double precision NOT NULL)"
+        )
+        current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
+        for number, name, script in _migrations():
+            if number <= current:
+                continue
+            async with conn.transaction():
+                await conn.execute(script)  # no arguments: may hold several statements
+                await conn.execute(
+                    "INSERT INTO schema_version (version, name, applied_at) VALUES ($1, $2, $3)",
+                    number,
+                    name,
+                    clock(),
+                )
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
