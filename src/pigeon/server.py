@@ -38,6 +38,10 @@ def open_store(config: Config) -> Store:
         if not url:
             config.data_dir.mkdir(parents=True, exist_ok=True)
         return SqliteStore(path)
+    if url.startswith(("postgresql://", "postgres://")):
+        from pigeon.store.postgres import PostgresStore  # asyncpg: the "scale" extra
+
+        return PostgresStore(url)
     raise ValueError(f"unsupported store URL: {url!r}")
 
 
