@@ -685,3 +685,76 @@ async def test_reopen_keeps_everything(make_store: Callable[[], Store]) -> None:
         assert (await send(reopened, conv.id, alice, phone.id)).seq == 3
     finally:
         await reopened.close()
+
+
+# -- several processes on one database ----------------------------------------------------------
+# Two store instances on the same data stand for two processes: each has its own connections
+# (and, for SQLite, its own writer thread), so only the database keeps them consistent.
+
+
+async def test_two_instances_send_into_one_conversation(make_store: Callable[[], Store]) -> None:
+    first, second = make_store(), make_store()
+    await first.open()
+    await second.open()
+    try:
+        alice, bob = await make_users(first, "alice", "bob")
+        phone_a, phone_b = await make_device(first, alice), await make_device(second, bob)
+        conv = await first.create_group(alice, "G", [bob], MAX_MEMBERS)  # seq 1
+        sends = [send(first, conv.id, alice, phone_a.id, f"a{i}") for i in range(100)] + [
+            send(second, conv.id, bob, phone_b.id, f"b{i}") for i in range(100)
+        ]
+        # The same retry through both instances at once: still one message.
+        retries = [
+            send(s, conv.id, alice, phone_a.id, "r", client_id="r1") for s in (first, second)
+        ]
+        results = await asyncio.gather(*sends, *retries)
+        fresh = [r for r in results if not r.duplicate]
+        assert sorted(r.seq for r in fresh) == list(range(2, 203))  # gapless, no duplicate
+        assert len({r.seq for r in results[-2:]}) == 1
+        assert sorted(r.duplicate for r in results[-2:]) == [False, True]
+        history = await second.history(conv.id, alice, limit=1000)
+        assert [m.seq for m in history] == list(range(1, 203))
+        by_seq = {m.seq: m for m in history}
+        assert all(by_seq[r.seq].client_id == r.client_id for r in results)
+        assert (await first.get_conversation(conv.id, bob)).last_seq == 202
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_two_instances_fan_out_concurrently(make_store: Callable[[], Store]) -> None:
+    first, second = make_store(), make_store()
+    await first.open()
+    await second.open()
+    try:
+        users = await make_users(first, "alice", "bob", "carol", "dave")
+        phone = await make_device(first, users[0])
+        convs = [
+            await first.create_group(users[0], f"G{i}", users[1:], MAX_MEMBERS) for i in range(4)
+        ]
+        direct = await second.direct_conversation(users[1], users[2])
+        bob_phone = await make_device(second, users[1])
+        await asyncio.gather(
+            *(send(first, c.id, users[0], phone.id) for c in convs for _ in range(20)),
+            *(send(second, direct.id, users[1], bob_phone.id) for _ in range(20)),
+        )
+        # Two workers per instance, all at once, in small batches: many lease hand-overs.
+        await asyncio.gather(
+            *(drain(s, f"{name}-w{i}", max_messages=5) for s, name in ((first, "a"), (second, "b"))
+              for i in range(2))
+        )  # fmt: skip
+        expected = {c.id: 21 for c in convs}
+        for user in users:
+            got = await inbox(second, user)
+            assert [e.inbox_seq for e in got] == list(range(1, len(got) + 1))  # gapless
+            mine = dict(expected)
+            if user in (users[1], users[2]):
+                mine[direct.id] = 20
+            for conv_id, count in mine.items():
+                seqs = [e.message.seq for e in got if e.message and e.conv_id == conv_id]
+                assert seqs == list(range(1, count + 1))  # each exactly once, in seq order
+            assert len(got) == sum(mine.values())
+        assert (await first.fanout("a-w0", 100, 30)).entries == []
+    finally:
+        await first.close()
+        await second.close()
