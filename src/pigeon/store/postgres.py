@@ -100,6 +100,7 @@ _UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,  # 57: shutting down, cannot connect now
     asyncpg.exceptions.InsufficientResourcesError,  # 53: too many connections, disk full
     asyncpg.InterfaceError,  # connection closed under us, pool closing
+    asyncpg.InternalClientError,  # e.g. the server killed the session between our calls
     OSError,  # refused, reset, unreachable (ConnectionRefusedError is one)
     TimeoutError,  # pool acquire or command timeout
 )
