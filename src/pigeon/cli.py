@@ -108,6 +108,18 @@ def _parser() -> argparse.ArgumentParser:
     worker_p.add_argument("--bus", dest="bus_url", help="bus URL, e.g. redis://host:6379/0")
     server_flags(worker_p)
 
+    cluster_p = sub.add_parser(
+        "cluster", help="a local scaled set-up (PostgreSQL, Redis, processes)"
+    )
+    cluster_sub = cluster_p.add_subparsers(dest="cluster_command", required=True)
+    up_p = cluster_sub.add_parser("up", help="start it and run until Ctrl-C or `cluster down`")
+    up_p.add_argument("--gateways", type=int, default=3)
+    up_p.add_argument("--workers", type=int, default=2)
+    up_p.add_argument("--base-port", type=int, help="gateways on this port and the next ones")
+    down_p = cluster_sub.add_parser("down", help="stop the cluster started from --dir")
+    for p in (up_p, down_p):
+        p.add_argument("--dir", default="pigeon-cluster", help="state and logs (./pigeon-cluster)")
+
     chat_p = sub.add_parser("chat", help="chat in the terminal")
     chat_p.add_argument("--url", default="http://127.0.0.1:8080")
     chat_p.add_argument("--username", required=True)
@@ -154,6 +166,14 @@ def main(argv: list[str] | None = None) -> int:
         from pigeon.bench.runner import main as bench_main
 
         return bench_main(args)
+    if args.command == "cluster":
+        from pigeon.devcluster.command import cluster_down, cluster_up
+
+        root = Path(args.dir).absolute()
+        if args.cluster_command == "down":
+            return cluster_down(root)
+        _run(cluster_up(root, args.gateways, args.workers, args.base_port))
+        return 0
     if args.command == "chat":
         from pigeon.client.chat import run_chat
 

@@ -38,6 +38,8 @@ class Config:
     typing_ttl_ms: int = 5000
     inbox_retention_days: float = 30.0
     replay_page: int = 500
+    fanout_batch: int = 256  # messages per fan-out transaction
+    fanout_lease_s: float = 10.0  # a dead worker's conversations are taken over after this
     shutdown_grace_s: float = 10.0
     limits: Limits = Limits()
 

@@ -74,7 +74,13 @@ class Server:
         router = Router(self.bus)
         self._notifier = FanoutNotifier(self.bus)
         self.workers = [
-            FanoutWorker(self.store, router, f"{self.gateway_id}-w{i}")
+            FanoutWorker(
+                self.store,
+                router,
+                f"{self.gateway_id}-w{i}",
+                batch_messages=self.config.fanout_batch,
+                lease_s=self.config.fanout_lease_s,
+            )
             for i in range(self.config.workers)
         ]
         self.hub = Hub(

@@ -33,7 +33,14 @@ class WorkerProcess:
         self.process_id = config.gateway_id or "wk-" + secrets.token_hex(4)
         router = Router(bus)
         self.workers = [
-            FanoutWorker(store, router, f"{self.process_id}-w{i}", poll_s=poll_s)
+            FanoutWorker(
+                store,
+                router,
+                f"{self.process_id}-w{i}",
+                batch_messages=config.fanout_batch,
+                lease_s=config.fanout_lease_s,
+                poll_s=poll_s,
+            )
             for i in range(workers)
         ]
         self._pruner = RetentionPruner(store, config.inbox_retention_days)
