@@ -58,6 +58,7 @@ async def drain(store: Store, worker: str = "w1", max_messages: int = 100) -> li
     while True:
         batch = await store.fanout(worker, max_messages, lease_s=30)
         entries += batch.entries
+        await store.fanout_pushed(worker, batch.convs)  # as a worker does after pushing
         if not batch.more and not batch.entries:
             return entries
 
@@ -462,6 +463,30 @@ async def test_fanout_lease_keeps_conversation_with_one_worker(
     taken = await store.fanout("w2", 10, lease_s=10)
     assert [e.message.seq for e in taken.entries if e.message and e.user_id == bob] == [2, 3, 4]
     assert (await store.fanout("w1", 10, lease_s=10)).entries == []
+
+
+async def test_fanout_of_a_worker_that_died_before_pushing_is_nudged(
+    store: Store, clock: FakeClock, request: pytest.FixtureRequest
+) -> None:
+    if "sqlite" in request.node.callspec.id:
+        pytest.skip("embedded: workers share the gateways' process, no push tracking")
+    alice, bob = await make_users(store, "alice", "bob")
+    phone = await make_device(store, alice)
+    conv = await store.direct_conversation(alice, bob)
+    await send(store, conv.id, alice, phone.id)
+    died = await store.fanout("w1", 10, lease_s=10)
+    assert died.entries and died.convs == [conv.id]  # committed; w1 dies before pushing
+    assert (await store.fanout("w2", 10, lease_s=10)).nudge_users == []  # lease still live
+    clock.advance(11)
+    taken = await store.fanout("w2", 10, lease_s=10)
+    assert taken.nudge_users == sorted([alice, bob]) and taken.entries == []
+    assert (await store.fanout("w3", 10, lease_s=10)).nudge_users == []  # nudged once
+    # a worker that confirms its push leaves nothing to nudge
+    await send(store, conv.id, alice, phone.id)
+    batch = await store.fanout("w2", 10, lease_s=10)
+    await store.fanout_pushed("w2", batch.convs)
+    clock.advance(11)
+    assert (await store.fanout("w3", 10, lease_s=10)).nudge_users == []
 
 
 # -- inbox, acks and receipts -----------------------------------------------------------------

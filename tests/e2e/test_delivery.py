@@ -157,3 +157,23 @@ async def test_position_older_than_retention_is_told_explicitly(
     resync = await b.expect("resync")
     assert resync["reason"] == "retention" and resync["oldest"] == welcome["resume_from"] + 1
     assert [m["body"] for m in b.frames if m["type"] == "msg"] == ["new"]
+
+
+async def test_a_nudge_makes_the_gateway_read_entries_that_were_never_pushed(
+    server: Server, api: Api, http: aiohttp.ClientSession
+) -> None:
+    from pigeon.bus.routing import Router
+
+    alice, bob = await api.account(), await api.account()
+    conv = await api.direct(alice, bob)
+    b, _ = await connect(http, server.url, bob)
+    for worker in server.workers:  # fan-out by hand below, as a worker that dies would
+        worker.stop()
+    a, _ = await connect(http, server.url, alice)
+    await a.send({"type": "send", "conv": conv, "client_id": "lost", "body": "unpushed"})
+    await a.expect("sent")
+    batch = await server.store.fanout("doomed", 10, lease_s=10)
+    assert batch.entries  # committed, and its worker "died" before pushing
+    await Router(server.bus).nudge([bob.user_id])
+    msg = await b.expect("msg")
+    assert (msg["body"], msg["seq"]) == ("unpushed", 1)

@@ -14,6 +14,8 @@ class Target(msgspec.Struct, array_like=True):
     frames: list[RoutedFrame]
     #: a device of ``user`` that must not get these frames (e.g. the typist's own)
     skip_device: int = 0
+    #: read the user's inbox from the store: entries were committed but never pushed
+    nudge: bool = False
 
 
 class Envelope(msgspec.Struct, array_like=True):

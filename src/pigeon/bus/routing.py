@@ -66,3 +66,11 @@ class Router:
         for gateway_id, users in located.items():
             targets = [Target(user, [frame], skip_device) for user in users]
             await self._bus.publish(gateway_id, Envelope(targets))
+
+    async def nudge(self, user_ids: Iterable[int]) -> None:
+        """Make the users' gateways read their inboxes (pushes were lost)."""
+        located = await self._bus.locate(user_ids)
+        for gateway_id, users in located.items():
+            await self._bus.publish(
+                gateway_id, Envelope([Target(u, [], nudge=True) for u in users])
+            )

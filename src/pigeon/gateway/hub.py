@@ -173,9 +173,11 @@ class Hub:
             self.gateway_id, device.user_id, device.id, self.config.presence_ttl_s
         )
         await self._replay(conn, start)
+        conn.send(f.CaughtUp(up_to=conn.session.inbox.position))
         await self._announce_presence(device.user_id, online=True)
 
     async def _replay(self, conn: Connection, after: int) -> None:
+        """Send the inbox after ``after`` (the store is the truth), through the sequencer."""
         page = self.config.replay_page
         # A backlog must not trip the slow-consumer bound: hand it over in slices, each
         # once the previous one has reached the socket.
@@ -189,7 +191,6 @@ class Hub:
             if len(entries) < page:
                 break
             after = entries[-1].inbox_seq
-        conn.send(f.CaughtUp(up_to=conn.session.inbox.position))
 
     async def _send(self, conn: Connection, frame: f.Send) -> None:
         request = SendRequest(
@@ -265,6 +266,10 @@ class Hub:
             for conn in self._by_user.get(target.user, ()):
                 if conn.closing or conn.device_id == target.skip_device:
                     continue
+                if target.nudge:
+                    self._spawn(
+                        self._guard(conn, None, self._replay(conn, conn.session.inbox.position))
+                    )
                 inbox = [fr for fr in target.frames if isinstance(fr, f.Msg | f.Receipt)]
                 if inbox:
                     self._offer(conn, inbox)

@@ -147,7 +147,14 @@ class Store(Protocol):
         the inbox entries for up to ``max_messages`` messages, delete those jobs, and return
         the new entries (with their messages) for pushing. A lease not renewed within
         ``lease_s`` may be taken by another worker; a worker that lost its lease commits
-        nothing."""
+        nothing.
+
+        The batch's conversations stay leased until ``fanout_pushed``: if the worker dies
+        between commit and push, the next worker to find the lease expired returns the
+        members in ``nudge_users`` so their gateways read the entries from the inbox."""
+
+    async def fanout_pushed(self, worker_id: str, conv_ids: list[int]) -> None:
+        """The entries of the last batch for these conversations were pushed: release them."""
 
     async def inbox_after(self, user_id: int, after: int, limit: int) -> list[InboxEntry]:
         """Entries with inbox_seq > after, ascending, at most ``limit``."""

@@ -127,3 +127,8 @@ class InboxBounds:
 class FanoutBatch:
     entries: list[InboxEntry] = field(default_factory=list)
     more: bool = False  # more pending work was seen; call again without waiting
+    #: conversations this batch wrote entries for; confirm with `Store.fanout_pushed`
+    convs: list[int] = field(default_factory=list)
+    #: users whose entries another worker committed but (it died) never pushed: tell their
+    #: gateways to read the inbox
+    nudge_users: list[int] = field(default_factory=list)

@@ -613,6 +613,7 @@ class PostgresStore:
         batch = FanoutBatch()
         leases: list[tuple[int, str, float]] = []
         budget = max_messages
+        batch.nudge_users = await _take_unpushed(conn, worker_id, now)
         for conv_id in convs:
             if budget <= 0:
                 batch.more = True  # conversations not served in this call
@@ -620,21 +621,33 @@ class PostgresStore:
             done = await _fanout_conversation(conn, inbox, conv_id, budget, now)
             budget -= done.messages
             self._fanout_after = conv_id
-            if done.remaining:
-                leases.append((conv_id, worker_id, now + lease_s))
-                batch.more = True
-            else:
-                leases.append((conv_id, "", 0.0))
+            # Held (and marked unpushed) until `fanout_pushed`, even when no job is left.
+            leases.append((conv_id, worker_id, now + lease_s))
+            batch.convs.append(conv_id)
+            batch.more = batch.more or done.remaining
         # `more` stays False when the only work left is leased to other workers: their
         # holders will do it, and calling again at once would only spin.
         await conn.execute(
-            "UPDATE fanout_leases l SET owner = n.owner, expires_at = n.expires_at"
+            "UPDATE fanout_leases l SET owner = n.owner, expires_at = n.expires_at,"
+            " unpushed = true"
             " FROM unnest($1::bigint[], $2::text[], $3::float8[]) AS n(conv_id, owner, expires_at)"
             " WHERE l.conv_id = n.conv_id",
             *_columns(leases, 3),
         )
         batch.entries = await inbox.flush(conn)
         return batch
+
+    async def fanout_pushed(self, worker_id: str, conv_ids: list[int]) -> None:
+        if not conv_ids:
+            return
+        await self._write(
+            lambda conn: conn.execute(
+                "UPDATE fanout_leases SET owner = '', expires_at = 0, unpushed = false"
+                " WHERE conv_id = ANY($2::bigint[]) AND owner = $1",
+                worker_id,
+                sorted(conv_ids),
+            )
+        )
 
     async def _claim(self, conn: Conn, worker_id: str, now: float, limit: int) -> list[int]:
         """Lock the lease rows of up to ``limit`` conversations with pending jobs that this
@@ -924,6 +937,29 @@ async def _insert_inbox(conn: Conn, entries: list[InboxEntry]) -> None:
         " $2::bigint[], $3::bigint[], $4::bigint[], $5::text[], $6::float8[])",
         *_columns(records, len(columns)),
     )
+
+
+async def _take_unpushed(conn: Conn, worker_id: str, now: float) -> list[int]:
+    """Leases whose worker committed entries but never confirmed the push (it died):
+    release them and return the members to nudge."""
+    rows = await conn.fetch(
+        "SELECT conv_id FROM fanout_leases WHERE unpushed AND expires_at <= $1"
+        " AND owner <> $2 ORDER BY conv_id FOR UPDATE SKIP LOCKED",
+        now,
+        worker_id,
+    )
+    if not rows:
+        return []
+    conv_ids = [int(r[0]) for r in rows]
+    await conn.execute(
+        "UPDATE fanout_leases SET owner = '', expires_at = 0, unpushed = false"
+        " WHERE conv_id = ANY($1::bigint[])",
+        conv_ids,
+    )
+    members = await conn.fetch(
+        "SELECT DISTINCT user_id FROM members WHERE conv_id = ANY($1::bigint[])", conv_ids
+    )
+    return sorted(int(r[0]) for r in members)
 
 
 async def _fanout_conversation(

@@ -644,6 +644,7 @@ class SqliteStore:
                 break
             done = _fanout_conversation(conn, inbox, conv_id, budget, now)
             batch.entries += done.entries
+            batch.convs.append(conv_id)
             budget -= done.messages
             self._fanout_after = conv_id
             if done.remaining:
@@ -660,6 +661,11 @@ class SqliteStore:
         # holders will do it, and calling again at once would only spin.
         inbox.flush()
         return batch
+
+    async def fanout_pushed(self, worker_id: str, conv_ids: list[int]) -> None:
+        """Nothing to record: the embedded store's workers run in the gateway's process, so
+        a crash between commit and push takes the sockets down too, and every client then
+        replays from the inbox. (Not tracking it saves a write transaction per batch.)"""
 
     # -- inbox and receipts --------------------------------------------------------------
 

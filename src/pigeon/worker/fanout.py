@@ -64,8 +64,12 @@ class FanoutWorker:
     async def step(self) -> bool:
         """One batch; True if more work is pending."""
         batch = await self._store.fanout(self.worker_id, self._batch, self._lease_s)
+        if batch.nudge_users:
+            await self._router.nudge(batch.nudge_users)
         if batch.entries:
             await self._router.deliver_entries(batch.entries)
+        if batch.convs:
+            await self._store.fanout_pushed(self.worker_id, batch.convs)
         return batch.more
 
 
