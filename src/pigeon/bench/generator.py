@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -234,22 +235,26 @@ class ShardSpec:
 
 
 class _PipeReader:
+    """Reads a pipe in a thread (blocking, so large messages arrive whole) into a queue."""
+
     def __init__(self, pipe: Pipe) -> None:
         self.pipe = pipe
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
-        asyncio.get_running_loop().add_reader(pipe.fileno(), self._ready)
+        loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._read, args=(loop,), daemon=True)
+        self._thread.start()
 
-    def _ready(self) -> None:
-        while self.pipe.poll():
+    def _read(self, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
             try:
-                self.queue.put_nowait(self.pipe.recv())
-            except EOFError:
-                asyncio.get_running_loop().remove_reader(self.pipe.fileno())
-                self.queue.put_nowait(("eof", None, None))
+                item = self.pipe.recv()
+            except (EOFError, OSError):
+                loop.call_soon_threadsafe(self.queue.put_nowait, ("eof", None, None))
                 return
+            loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
     def close(self) -> None:
-        asyncio.get_running_loop().remove_reader(self.pipe.fileno())
+        self.pipe.close()
 
 
 class Link:
@@ -347,9 +352,10 @@ class Coordinator:
         return [await self._next(i, "result", "", timeout) for i in range(len(self.readers))]
 
     def close(self) -> None:
-        for reader in self.readers:
-            reader.close()
         for process in self.processes:
             process.join(5)
             if process.is_alive():
                 process.kill()
+                process.join(5)
+        for reader in self.readers:
+            reader.close()
