@@ -218,7 +218,7 @@ class Checker:
             seqs = [m.seq for m in messages]
             if seqs != list(range(1, len(seqs) + 1)):
                 problems.append(f"conv {conv}: history seqs not gapless: {seqs[:20]}...")
-            where.update(m.client_id for m in messages)
+            where.update(m.client_id for m in messages if m.client_id)  # not system ones
         doubled = sorted(cid for cid, n in where.items() if n > 1)
         if doubled:
             problems.append(f"client_ids more than once in history: {doubled[:10]}")
@@ -257,6 +257,15 @@ class Checker:
                     problems.append(f"{device.name} conv {conv}: view differs from history")
         assert not problems, "\n".join(problems)
 
+    def summary(self, histories: dict[int, list[Message]]) -> str:
+        retried = sum(1 for r in self.sends.values() if r.acked - r.started > 1.0)
+        return (
+            f"{len(self.sends)} acknowledged sends ({retried} took over 1 s), "
+            f"{sum(len(h) for h in histories.values())} messages in {len(histories)} "
+            f"conversations, {sum(len(d.deliveries) for d in self.devices)} deliveries to "
+            f"{len(self.devices)} devices, {sum(d.connects - 1 for d in self.devices)} reconnects"
+        )
+
     async def close(self) -> None:
         await asyncio.gather(*(d.close() for d in self.devices), return_exceptions=True)
 
@@ -276,8 +285,15 @@ class Traffic:
     """Background load: every device sends into its conversations in turn, a few sends in
     flight per device, until stopped. Each send keeps retrying until `sent`."""
 
-    def __init__(self, devices: list[Device], interval: float = 0.1, in_flight: int = 3) -> None:
+    def __init__(
+        self,
+        devices: list[Device],
+        interval: float = 0.1,
+        in_flight: int = 3,
+        exclude: frozenset[int] = frozenset(),
+    ) -> None:
         self._devices = devices
+        self._exclude = exclude  # conversations left out
         self._interval = interval
         self._in_flight = in_flight
         self._stop = asyncio.Event()
@@ -290,7 +306,7 @@ class Traffic:
 
     async def _run(self, device: Device) -> None:
         slots = asyncio.Semaphore(self._in_flight)
-        convs = itertools.cycle(sorted(device.convs))
+        convs = itertools.cycle(sorted(device.convs - self._exclude))
         for n in itertools.count(1):
             if self._stop.is_set():
                 return
@@ -377,3 +393,4 @@ async def finish(world: World, traffic: Traffic, url: str, session: aiohttp.Clie
     histories = await world.checker.histories(url, session)
     await world.checker.wait_complete(histories)
     world.checker.verify(histories)
+    print(world.checker.summary(histories))  # shown with -s or on failure

@@ -6,12 +6,16 @@ nothing was duplicated or reordered, and every device saw its conversations' his
 
 from __future__ import annotations
 
+import asyncio
 import signal
 
 import aiohttp
+import asyncpg
 
-from pigeon.devcluster.cluster import LocalCluster
+from pigeon.devcluster.cluster import LocalCluster, Member
 from tests.failure.checker import Traffic, build_world, finish
+from tests.failure.conftest import StartCluster
+from tests.support import Api, eventually
 
 
 async def test_kill_9_gateway_clients_move_and_resume(
@@ -36,4 +40,120 @@ async def test_kill_9_gateway_clients_move_and_resume(
         await finish(world, traffic, cluster.urls[1], session)
     finally:
         await traffic.cancel()
+        await world.checker.close()
+
+
+BIG_GROUP_SILENT = 300  # members with no device: fan-out targets only
+BIG_SENDS_PER_DEVICE = 20
+
+
+async def _silent_users(store_url: str, count: int) -> list[int]:
+    """Users that never log in, inserted straight into PostgreSQL: registering them over
+    HTTP would cost an argon2 hash each, seconds on this machine for nothing under test."""
+    conn = await asyncpg.connect(store_url)
+    try:
+        rows = await conn.fetch(
+            "INSERT INTO users (username, display_name, password_hash, created_at)"
+            " SELECT 'silent' || g, 'silent ' || g, '!', extract(epoch FROM now())"
+            " FROM generate_series(1, $1) AS g RETURNING id",
+            count,
+        )
+    finally:
+        await conn.close()
+    return [int(r[0]) for r in rows]
+
+
+def _worker_named(cluster: LocalCluster, owner: str) -> Member:
+    """The worker member whose process id prefixes a fan-out lease owner (wk-xxxx-w0)."""
+    process_id = owner.rpartition("-w")[0]
+    for member in cluster.worker_members:
+        if f"Pigeon worker {process_id} is running" in member.log.read_text(errors="replace"):
+            return member
+    raise AssertionError(f"no worker runs {owner}")
+
+
+async def test_kill_9_worker_mid_fanout_job_is_reclaimed_once(
+    start_cluster: StartCluster, session: aiohttp.ClientSession
+) -> None:
+    # small fan-out transactions, so a large group's backlog takes many of them
+    cluster = await start_cluster(PIGEON_FANOUT_BATCH="4")
+    world = await build_world(cluster.urls, session)
+    traffic: Traffic | None = None
+    db = await asyncpg.connect(cluster.store_url)
+    try:
+        silent = await _silent_users(cluster.store_url, BIG_GROUP_SILENT)
+        admin = world.accounts[0]
+        others = [a.user_id for a in world.accounts[1:6]]
+        status, body = await Api(session, cluster.urls[0]).call(
+            "POST", "/v1/conversations", admin.token,
+            {"kind": "group", "title": "big", "members": others + silent},
+        )  # fmt: skip
+        assert status == 201, body
+        big = int(body["id"])
+        for device in world.devices:
+            device.convs.add(big)
+        traffic = Traffic(world.devices, exclude=frozenset({big}))
+        traffic.start()
+        await world.checker.wait_sends(20)
+
+        # a burst into the big group from devices on every gateway
+        burst = [
+            asyncio.create_task(device.send(big, f"big-{device.name}-{n}", f"big {n}"))
+            for n in range(BIG_SENDS_PER_DEVICE)
+            for device in world.devices
+        ]
+
+        async def leased() -> str:
+            owner = await db.fetchval(
+                "SELECT owner FROM fanout_leases WHERE conv_id = $1 AND owner <> ''"
+                " AND EXISTS (SELECT 1 FROM fanout_jobs WHERE conv_id = $1)"
+                " AND EXISTS (SELECT 1 FROM inbox WHERE conv_id = $1 AND msg_seq IS NOT NULL)",
+                big,
+            )
+            return str(owner or "")
+
+        owner = await eventually(leased, timeout=20, interval=0.01)  # fan-out under way
+        victim = _worker_named(cluster, owner)
+        await cluster.signal(victim, signal.SIGKILL)
+        left = await db.fetchval("SELECT count(*) FROM fanout_jobs WHERE conv_id = $1", big)
+        assert left > 0, "the fan-out finished before the kill: nothing to reclaim"
+        print(f"killed {victim.name} holding {owner}: {left} messages left to fan out")
+
+        async with asyncio.timeout(30):
+            await asyncio.gather(*burst)
+
+        async def drained() -> bool:
+            return not await db.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM fanout_jobs WHERE conv_id = $1)", big
+            )
+
+        await eventually(drained, timeout=30)
+        # exactly once: one inbox entry per member per message, in seq order in each inbox
+        messages = await db.fetchval("SELECT last_seq FROM conversations WHERE id = $1", big)
+        members = await db.fetchval("SELECT count(*) FROM members WHERE conv_id = $1", big)
+        assert members == BIG_GROUP_SILENT + 6
+        assert messages >= BIG_SENDS_PER_DEVICE * len(world.devices)
+        doubled = await db.fetch(
+            "SELECT user_id, msg_seq, count(*) FROM inbox WHERE conv_id = $1"
+            " AND msg_seq IS NOT NULL GROUP BY 1, 2 HAVING count(*) > 1 LIMIT 10",
+            big,
+        )
+        assert not doubled, f"inbox entries written twice: {doubled}"
+        entries = await db.fetchval(
+            "SELECT count(*) FROM inbox WHERE conv_id = $1 AND msg_seq IS NOT NULL", big
+        )
+        assert entries == members * messages
+        disordered = await db.fetch(
+            "SELECT user_id FROM (SELECT user_id, msg_seq, lag(msg_seq) OVER"
+            " (PARTITION BY user_id ORDER BY inbox_seq) AS prev FROM inbox"
+            " WHERE conv_id = $1 AND msg_seq IS NOT NULL) t WHERE prev >= msg_seq LIMIT 10",
+            big,
+        )
+        assert not disordered, f"inboxes out of seq order: {disordered}"
+        # and every connected device, on every gateway, saw the big group complete
+        await finish(world, traffic, cluster.urls[0], session)
+    finally:
+        await db.close()
+        if traffic is not None:
+            await traffic.cancel()
         await world.checker.close()
