@@ -60,6 +60,8 @@ Row = tuple[Any, ...]
 
 #: Most sends committed in one transaction; bigger batches gain little and delay the first.
 MAX_SEND_BATCH = 512
+#: Most other writes (acks, reads, fan-out batches...) committed in one transaction.
+MAX_WRITE_BATCH = 256
 BUSY_TIMEOUT_MS = 5000
 MIGRATIONS_PACKAGE = "pigeon.store.migrations.sqlite"
 
@@ -83,6 +85,9 @@ class SqliteStore:
         self._rconn: sqlite3.Connection | None = None
         self._send_queue: deque[_PendingSend] = deque()
         self._send_task: asyncio.Task[None] | None = None
+        self._write_queue: deque[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]
+        self._write_queue = deque()
+        self._write_task: asyncio.Task[None] | None = None
         # Round-robin position of fanout over conversations (touched by the writer thread only).
         self._fanout_after = 0
 
@@ -103,9 +108,10 @@ class SqliteStore:
         self._writer, self._reader = writer, reader
 
     async def close(self) -> None:
-        if self._send_task is not None and not self._send_task.done():
-            # Let queued sends commit (or fail) before their writer goes away.
-            await asyncio.wait({self._send_task})
+        for task in (self._send_task, self._write_task):
+            if task is not None and not task.done():
+                # Let queued writes commit (or fail) before their writer goes away.
+                await asyncio.wait({task})
         loop = asyncio.get_running_loop()
         writer, reader = self._writer, self._reader
         self._writer = self._reader = None
@@ -149,8 +155,57 @@ class SqliteStore:
     # -- running work on the threads -----------------------------------------------------
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn`` in one write transaction on the writer thread."""
-        return await self._run(self._writer, functools.partial(self._in_write_txn, fn))
+        """Run ``fn`` atomically on the writer thread, group-committed with other writes.
+
+        Concurrent calls (acks from many sockets, fan-out batches, read marks...) queue up
+        and share one transaction and one fsync; each runs inside its own SAVEPOINT, so a
+        failing one is rolled back alone and the others commit.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._write_queue.append((fn, future))
+        if self._write_task is None or self._write_task.done():
+            self._write_task = loop.create_task(self._write_loop())
+        result: T = await future
+        return result
+
+    async def _write_loop(self) -> None:
+        while self._write_queue:
+            count = min(len(self._write_queue), MAX_WRITE_BATCH)
+            batch = [self._write_queue.popleft() for _ in range(count)]
+            call = functools.partial(self._commit_writes, [fn for fn, _ in batch])
+            outcomes: Sequence[object]
+            try:
+                outcomes = await self._run(self._writer, call)
+            except Exception as exc:  # the commit itself failed: nothing was written
+                outcomes = [exc] * len(batch)
+            except asyncio.CancelledError:
+                for _, future in [*batch, *self._write_queue]:
+                    future.cancel()
+                self._write_queue.clear()
+                raise
+            for (_, future), outcome in zip(batch, outcomes, strict=True):
+                if future.done():  # the caller was cancelled
+                    continue
+                if isinstance(outcome, BaseException):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+
+    def _commit_writes(self, fns: list[Callable[[sqlite3.Connection], object]]) -> list[object]:
+        def run_all(conn: sqlite3.Connection) -> list[object]:
+            outcomes: list[object] = []
+            for fn in fns:
+                conn.execute("SAVEPOINT one_write")
+                try:
+                    outcomes.append(fn(conn))
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO one_write")
+                    outcomes.append(_map_error(exc) if isinstance(exc, sqlite3.Error) else exc)
+                conn.execute("RELEASE one_write")
+            return outcomes
+
+        return self._in_write_txn(run_all)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` in one read transaction (a consistent snapshot) on the reader thread."""
