@@ -88,6 +88,7 @@ class Device:
     reader: asyncio.Task[None] | None = None
     connected: bool = False
     connects: int = 0
+    connected_at: list[float] = field(default_factory=list)  # loop time of each welcome
     disconnects: list[str] = field(default_factory=list)
     deliveries: list[Delivery] = field(default_factory=list)
 
@@ -112,6 +113,7 @@ class Device:
                 if event.state == "connected":
                     self.connected = True
                     self.connects += 1
+                    self.connected_at.append(asyncio.get_running_loop().time())
                 else:
                     self.connected = False
                     self.disconnects.append(event.reason)

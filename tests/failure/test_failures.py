@@ -30,6 +30,13 @@ async def test_kill_9_gateway_clients_move_and_resume(
         traffic.start()
         await world.checker.wait_sends(40)
         victims = world.homed_on(0)
+        # sends on their way through the gateway as it dies: retried elsewhere, same client_id
+        in_flight = [
+            asyncio.create_task(d.send(world.group, f"{d.name}-at-kill-{n}", "at the kill"))
+            for d in victims
+            for n in range(3)
+        ]
+        await asyncio.sleep(0)  # let them reach their sockets
         await cluster.signal(cluster.gateway_members[0], signal.SIGKILL)
         # every client of the dead gateway reconnects to another one and resumes there
         await world.checker.changed.until(
@@ -38,6 +45,11 @@ async def test_kill_9_gateway_clients_move_and_resume(
             "the dead gateway's clients to reconnect",
         )
         assert all(d.connects == 1 and not d.disconnects for d in world.devices if d not in victims)
+        async with asyncio.timeout(20):
+            records = await asyncio.gather(*in_flight)
+        by_name = {d.name: d for d in victims}
+        retried = [r for r in records if r.acked > by_name[r.device].connected_at[1]]
+        assert retried, "no send was in flight at the kill"  # answered on the new gateway
         sent = len(world.checker.sends)
         await world.checker.wait_sends(sent + 60)  # traffic goes on after the move
         await finish(world, traffic, cluster.urls[1], session)
