@@ -83,11 +83,11 @@ class SqliteStore:
         # Each connection is created, used and closed only in its own thread.
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
+        # Work for the writer thread, committed in rounds by `_writer_loop`.
         self._send_queue: deque[_PendingSend] = deque()
-        self._send_task: asyncio.Task[None] | None = None
         self._write_queue: deque[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]
         self._write_queue = deque()
-        self._write_task: asyncio.Task[None] | None = None
+        self._writer_task: asyncio.Task[None] | None = None
         # Round-robin position of fanout over conversations (touched by the writer thread only).
         self._fanout_after = 0
 
@@ -108,10 +108,9 @@ class SqliteStore:
         self._writer, self._reader = writer, reader
 
     async def close(self) -> None:
-        for task in (self._send_task, self._write_task):
-            if task is not None and not task.done():
-                # Let queued writes commit (or fail) before their writer goes away.
-                await asyncio.wait({task})
+        if self._writer_task is not None and not self._writer_task.done():
+            # Let queued writes commit (or fail) before their writer goes away.
+            await asyncio.wait({self._writer_task})
         loop = asyncio.get_running_loop()
         writer, reader = self._writer, self._reader
         self._writer = self._reader = None
@@ -157,55 +156,91 @@ class SqliteStore:
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` atomically on the writer thread, group-committed with other writes.
 
-        Concurrent calls (acks from many sockets, fan-out batches, read marks...) queue up
-        and share one transaction and one fsync; each runs inside its own SAVEPOINT, so a
-        failing one is rolled back alone and the others commit.
+        Concurrent calls (acks from many sockets, fan-out batches, read marks...) share one
+        transaction, and one fsync, with the pending sends; each runs inside its own
+        SAVEPOINT, so a failing one is rolled back alone and the others commit.
         """
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._write_queue.append((fn, future))
-        if self._write_task is None or self._write_task.done():
-            self._write_task = loop.create_task(self._write_loop())
+        self._kick_writer()
         result: T = await future
         return result
 
-    async def _write_loop(self) -> None:
-        while self._write_queue:
+    def _kick_writer(self) -> None:
+        if self._writer_task is None or self._writer_task.done():
+            self._writer_task = asyncio.get_running_loop().create_task(self._writer_loop())
+
+    async def _writer_loop(self) -> None:
+        """Commit everything queued, sends first, in one transaction per round, until the
+        queues are empty. While a round commits, new work piles up and becomes the next
+        round: the busier the store, the bigger the batches."""
+        while self._send_queue or self._write_queue:
+            count = min(len(self._send_queue), MAX_SEND_BATCH)
+            sends = [self._send_queue.popleft() for _ in range(count)]
             count = min(len(self._write_queue), MAX_WRITE_BATCH)
-            batch = [self._write_queue.popleft() for _ in range(count)]
-            call = functools.partial(self._commit_writes, [fn for fn, _ in batch])
-            outcomes: Sequence[object]
+            writes = [self._write_queue.popleft() for _ in range(count)]
+            work = [(p.request, p.max_body) for p in sends]
+            call = functools.partial(self._commit_round, work, [fn for fn, _ in writes])
+            send_outcomes: Sequence[object]
+            write_outcomes: Sequence[object]
             try:
-                outcomes = await self._run(self._writer, call)
+                send_outcomes, write_outcomes = await self._run(self._writer, call)
             except Exception as exc:  # the commit itself failed: nothing was written
-                outcomes = [exc] * len(batch)
+                send_outcomes, write_outcomes = [exc] * len(sends), [exc] * len(writes)
             except asyncio.CancelledError:
-                for _, future in [*batch, *self._write_queue]:
+                for pending in [*sends, *self._send_queue]:
+                    pending.future.cancel()
+                for _, future in [*writes, *self._write_queue]:
                     future.cancel()
+                self._send_queue.clear()
                 self._write_queue.clear()
                 raise
-            for (_, future), outcome in zip(batch, outcomes, strict=True):
+            futures = [p.future for p in sends] + [future for _, future in writes]
+            for future, outcome in zip(futures, [*send_outcomes, *write_outcomes], strict=True):
                 if future.done():  # the caller was cancelled
                     continue
-                if isinstance(outcome, BaseException):
+                if isinstance(outcome, StoreError):
+                    # A fresh instance per caller: a shared one would share its traceback.
+                    future.set_exception(type(outcome)(*outcome.args))
+                elif isinstance(outcome, BaseException):
                     future.set_exception(outcome)
                 else:
                     future.set_result(outcome)
 
-    def _commit_writes(self, fns: list[Callable[[sqlite3.Connection], object]]) -> list[object]:
-        def run_all(conn: sqlite3.Connection) -> list[object]:
-            outcomes: list[object] = []
+    def _commit_round(
+        self,
+        sends: list[tuple[SendRequest, int]],
+        fns: list[Callable[[sqlite3.Connection], object]],
+    ) -> tuple[list[SendResult | StoreError], list[object]]:
+        def run(conn: sqlite3.Connection) -> tuple[list[SendResult | StoreError], list[object]]:
+            send_outcomes = self._sends_in_savepoint(conn, sends) if sends else []
+            write_outcomes: list[object] = []
             for fn in fns:
-                conn.execute("SAVEPOINT one_write")
-                try:
-                    outcomes.append(fn(conn))
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO one_write")
-                    outcomes.append(_map_error(exc) if isinstance(exc, sqlite3.Error) else exc)
-                conn.execute("RELEASE one_write")
-            return outcomes
+                write_outcomes.append(_in_savepoint(conn, fn))
+            return send_outcomes, write_outcomes
 
-        return self._in_write_txn(run_all)
+        return self._in_write_txn(run)
+
+    def _sends_in_savepoint(
+        self, conn: sqlite3.Connection, work: list[tuple[SendRequest, int]]
+    ) -> list[SendResult | StoreError]:
+        outcome = _in_savepoint(conn, lambda c: self._send_batch(c, work))
+        if not isinstance(outcome, Exception):
+            return outcome
+        if len(work) == 1:
+            return [outcome if isinstance(outcome, StoreError) else Unavailable(str(outcome))]
+        # Checks before writing make this unexpected; still, one bad request must not fail
+        # the others, so retry each on its own.
+        outcomes: list[SendResult | StoreError] = []
+        for item in work:
+            one = _in_savepoint(conn, functools.partial(self._send_batch, work=[item]))
+            if isinstance(one, StoreError):
+                outcomes.append(one)
+            elif isinstance(one, Exception):
+                outcomes.append(Unavailable(str(one)))
+            else:
+                outcomes += one
+        return outcomes
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` in one read transaction (a consistent snapshot) on the reader thread."""
@@ -546,62 +581,10 @@ class SqliteStore:
     # -- sending (group commit) ----------------------------------------------------------
 
     async def send_message(self, request: SendRequest, max_body: int) -> SendResult:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[SendResult] = loop.create_future()
+        future: asyncio.Future[SendResult] = asyncio.get_running_loop().create_future()
         self._send_queue.append(_PendingSend(request, max_body, future))
-        if self._send_task is None or self._send_task.done():
-            self._send_task = loop.create_task(self._send_loop())
+        self._kick_writer()
         return await future
-
-    async def _send_loop(self) -> None:
-        """Commit queued sends, many per transaction, until the queue is empty.
-
-        While one batch is being committed, new sends pile up in the queue and become the next
-        batch: the busier the store, the bigger the batches.
-        """
-        while self._send_queue:
-            count = min(len(self._send_queue), MAX_SEND_BATCH)
-            batch = [self._send_queue.popleft() for _ in range(count)]
-            work = [(p.request, p.max_body) for p in batch]
-            outcomes: Sequence[SendResult | BaseException]
-            try:
-                outcomes = await self._run(
-                    self._writer, functools.partial(self._commit_sends, work)
-                )
-            except Exception as exc:  # whole batch failed; never leave a caller hanging
-                outcomes = [exc] * len(batch)
-            except asyncio.CancelledError:
-                for pending in [*batch, *self._send_queue]:
-                    pending.future.cancel()
-                self._send_queue.clear()
-                raise
-            for pending, outcome in zip(batch, outcomes, strict=True):
-                if pending.future.done():  # the caller was cancelled
-                    continue
-                if isinstance(outcome, StoreError):
-                    # A fresh instance per caller: a shared one would share its traceback.
-                    pending.future.set_exception(type(outcome)(*outcome.args))
-                elif isinstance(outcome, BaseException):
-                    pending.future.set_exception(outcome)
-                else:
-                    pending.future.set_result(outcome)
-
-    def _commit_sends(self, work: list[tuple[SendRequest, int]]) -> list[SendResult | StoreError]:
-        try:
-            return self._in_write_txn(lambda conn: self._send_batch(conn, work))
-        except sqlite3.Error:
-            if len(work) == 1:
-                raise
-        # Checks before writing make this unexpected; still, one bad request must not fail
-        # the others, so retry each in its own transaction.
-        outcomes: list[SendResult | StoreError] = []
-        for item in work:
-            try:
-                one = functools.partial(self._send_batch, work=[item])
-                outcomes += self._in_write_txn(one)
-            except sqlite3.Error as exc:
-                outcomes.append(_map_error(exc))
-        return outcomes
 
     def _send_batch(
         self, conn: sqlite3.Connection, work: list[tuple[SendRequest, int]]
@@ -993,6 +976,19 @@ def _advance(
         inbox.append(int(sender), conv_id, now, receipt=state)
 
 
+def _in_savepoint(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T | Exception:
+    """Run ``fn`` inside a savepoint: on failure only its own writes are undone, and the
+    failure is returned (database errors as StoreErrors) rather than raised."""
+    conn.execute("SAVEPOINT one")
+    try:
+        result: T | Exception = fn(conn)
+    except Exception as exc:
+        conn.execute("ROLLBACK TO one")
+        result = _map_error(exc) if isinstance(exc, sqlite3.Error) else exc
+    conn.execute("RELEASE one")
+    return result
+
+
 def _store_messages(conn: sqlite3.Connection, messages: list[Message]) -> None:
     """Insert messages with their fan-out jobs; move each sender's own positions past them.
 
@@ -1000,7 +996,10 @@ def _store_messages(conn: sqlite3.Connection, messages: list[Message]) -> None:
     """
     conn.executemany(
         f"INSERT INTO messages ({_MSG_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        [dataclasses.astuple(m) for m in messages],
+        [
+            (m.conv_id, m.seq, m.sender_id, m.sender_device, m.client_id, m.kind, m.body, m.ts)
+            for m in messages
+        ],
     )
     conn.executemany(
         "INSERT INTO fanout_jobs (conv_id, seq) VALUES (?, ?)",
