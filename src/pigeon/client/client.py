@@ -136,6 +136,7 @@ class Client:
         self._session = session
         self._owns_session = session is None
         self._http: HttpApi | None = None
+        self._http_index = 0  # which URL the HTTP API uses; moves on after a failure
         self._backoff = (backoff_initial, backoff_max)
         self._ack_interval = ack_interval
         self._ack_batch = ack_batch
@@ -559,13 +560,13 @@ class Client:
             gap = self._order.gap(conv)
             if not open_ended and gap is None:
                 return
-            before = None if open_ended or gap is None else gap.before_seq
             try:
-                page = await self.http.messages(
-                    conv, after=position, before=before, limit=self._history_page
-                )
+                # `after` only: the server takes one bound, not both; what the page holds
+                # past the gap is already held and dropped as a duplicate.
+                page = await self.http.messages(conv, after=position, limit=self._history_page)
             except ApiError as err:
                 if err.retryable:
+                    self._next_http_url()
                     attempt = await self._fill_backoff(attempt)
                     continue
                 self._refill.discard(conv)
@@ -573,6 +574,7 @@ class Client:
                 self._events.put(ErrorEvent(err.code, err.detail, None))
                 return
             except _TRANSIENT:
+                self._next_http_url()
                 attempt = await self._fill_backoff(attempt)
                 continue
             attempt = 0
@@ -583,6 +585,13 @@ class Client:
                 self._emit(self._order.skip_gap(conv))  # history cannot fill it
             if self._conn is not None:
                 await self._ack_soon(self._conn)
+
+    def _next_http_url(self) -> None:
+        """After a failed request, history is asked of the next server, as connections are:
+        a dead first server must not stall gap fills."""
+        if self._http is not None and len(self._urls) > 1:
+            self._http_index = (self._http_index + 1) % len(self._urls)
+            self._http.base_url = http_base(self._urls[self._http_index])
 
     async def _fill_backoff(self, attempt: int) -> int:
         initial, cap = self._backoff
