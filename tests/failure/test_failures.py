@@ -15,8 +15,9 @@ import asyncpg
 
 from pigeon.bus.base import BusUnavailable
 from pigeon.bus.redis import RedisBus
+from pigeon.client import Client, ErrorEvent, MessageEvent
 from pigeon.devcluster.cluster import LocalCluster, Member
-from tests.failure.checker import Traffic, build_world, finish
+from tests.failure.checker import CLIENT_OPTIONS, Traffic, World, build_world, finish
 from tests.failure.conftest import StartCluster
 from tests.support import Api, RawSocket, connect, eventually
 
@@ -53,9 +54,46 @@ async def test_kill_9_gateway_clients_move_and_resume(
         sent = len(world.checker.sends)
         await world.checker.wait_sends(sent + 60)  # traffic goes on after the move
         await finish(world, traffic, cluster.urls[1], session)
+        await _fill_gap_with_first_gateway_dead(cluster, world, session)
     finally:
         await traffic.cancel()
         await world.checker.close()
+
+
+async def _fill_gap_with_first_gateway_dead(
+    cluster: LocalCluster, world: World, session: aiohttp.ClientSession
+) -> None:
+    """An app that lost its messages but kept its resume position starts while its first
+    gateway is dead: the SDK fills the group's missing head from another gateway's history."""
+    user = world.accounts[1]
+    resume_from = next(d for d in world.devices if d.user_id == user.user_id).client
+    assert resume_from is not None
+    fresh = await Api(session, cluster.urls[1]).login(user.username, user.password, "reinstall")
+    history = [
+        m.seq for m in (await world.checker.histories(cluster.urls[1], session))[world.group]
+    ]
+    seen: list[int] = []
+    errors: list[ErrorEvent] = []
+    client = Client(
+        cluster.urls, fresh.token, fresh.device_id, session=session,
+        resume_from=resume_from.resume_position // 2, known_positions={world.group: 0},
+        **CLIENT_OPTIONS,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(20):
+            await client.connect()
+            async for event in client:
+                if isinstance(event, MessageEvent) and event.conv == world.group:
+                    seen.append(event.seq)
+                    if len(seen) >= len(history):
+                        break
+                elif isinstance(event, ErrorEvent):
+                    errors.append(event)
+    except TimeoutError:
+        raise AssertionError(f"group seqs seen: {seen[:5]}.. of {len(history)}; {errors}") from None
+    finally:
+        await client.close()
+    assert seen == history
 
 
 BIG_GROUP_SILENT = 300  # members with no device: fan-out targets only
