@@ -229,7 +229,7 @@ async def test_redis_restart_presence_rebuilt_pushes_resume(
 
     try:
         await bus.open()
-        assert await everyone_online()
+        await eventually(everyone_online, timeout=10)  # registered after each welcome
         traffic.start()
         await world.checker.wait_sends(40)
         await cluster.restart_redis()  # a new, empty Redis on the same port
