@@ -20,6 +20,7 @@ class Limits:
     max_bad_frames: int = 50  # consecutive errors before the socket is closed
     send_buffer_bytes: int = 4 * 1024 * 1024  # per connection; overflow = slow consumer
     presence_max_group: int = 256  # presence is shared through groups up to this size
+    receipt_detail_max_group: int = 100  # bigger groups: senders get aggregate receipts only
     history_page_max: int = 500
 
 

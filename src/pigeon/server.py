@@ -31,17 +31,18 @@ log = logging.getLogger(__name__)
 
 def open_store(config: Config) -> Store:
     url = config.store_url
+    detail = config.limits.receipt_detail_max_group
     if not url or url.startswith("sqlite:"):
         from pigeon.store.sqlite import SqliteStore
 
         path = url.removeprefix("sqlite://") if url else str(config.sqlite_path)
         if not url:
             config.data_dir.mkdir(parents=True, exist_ok=True)
-        return SqliteStore(path)
+        return SqliteStore(path, receipt_detail_max_group=detail)
     if url.startswith(("postgresql://", "postgres://")):
         from pigeon.store.postgres import PostgresStore  # asyncpg: the "scale" extra
 
-        return PostgresStore(url)
+        return PostgresStore(url, receipt_detail_max_group=detail)
     raise ValueError(f"unsupported store URL: {url!r}")
 
 

@@ -492,6 +492,30 @@ async def test_fanout_of_a_worker_that_died_before_pushing_is_nudged(
 # -- inbox, acks and receipts -----------------------------------------------------------------
 
 
+async def test_big_group_senders_get_aggregate_receipts_only(store: Store) -> None:
+    from pigeon.store.receipts import AGGREGATE_USER, DEFAULT_DETAIL_MAX_GROUP
+
+    names = [f"u{i}" for i in range(DEFAULT_DETAIL_MAX_GROUP + 2)]
+    owner, *others = await make_users(store, *names)
+    phone = await make_device(store, owner)
+    group = await store.create_group(owner, "big", others, max_members=1000)
+    result = await send(store, group.id, owner, phone.id)
+    await drain(store)
+    told: list[InboxEntry] = []
+    for member in others[:-1]:  # everyone but one has read it: the minimum has not moved
+        told += await store.mark_read(member, group.id, result.seq)
+    assert told == []
+    told = await store.mark_read(others[-1], group.id, result.seq)
+    (entry,) = told
+    assert entry.user_id == owner and entry.receipt is not None
+    state = entry.receipt
+    assert state.user_id == AGGREGATE_USER
+    assert state.all_read_seq >= result.seq and state.all_delivered_seq >= result.seq
+    # each member's own positions stay readable
+    members = {m.user_id: m for m in await store.receipts(group.id, owner)}
+    assert all(members[u].read_seq >= result.seq for u in others)
+
+
 async def test_inbox_after_pages(store: Store) -> None:
     alice, bob = await make_users(store, "alice", "bob")
     phone = await make_device(store, alice)

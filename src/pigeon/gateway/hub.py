@@ -141,8 +141,11 @@ class Hub:
             conn.send(store_error_reply(exc, ref).frame)
 
     async def _hello(self, conn: Connection, hello: f.Hello) -> None:
+        if not self.accepting:  # shutting down: not the client's fault, it should move on
+            await conn.close_after_flush(CloseCode.GOING_AWAY, "server shutting down")
+            return
         device = await self.store.device_for_token(token_hash(hello.token))
-        if device is None or device.id != hello.device or not self.accepting:
+        if device is None or device.id != hello.device:
             close = conn.session.auth_failed()
             conn.send(f.Error(ErrorCode.AUTH_FAILED, "bad or revoked token", hello.ref))
             await conn.close_after_flush(close.code, close.reason)

@@ -39,6 +39,7 @@ from typing import Any, TypeVar, cast
 
 import asyncpg
 
+from pigeon.store import receipts
 from pigeon.store.errors import (
     BadPosition,
     Conflict,
@@ -110,9 +111,17 @@ _RETRY_ERRORS = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.Se
 class PostgresStore:
     """`pigeon.store.base.Store` on a PostgreSQL database."""
 
-    def __init__(self, dsn: str, *, clock: Clock = time.time, pool_size: int = 10) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        clock: Clock = time.time,
+        pool_size: int = 10,
+        receipt_detail_max_group: int = receipts.DEFAULT_DETAIL_MAX_GROUP,
+    ) -> None:
         self._dsn = dsn
         self._clock = clock
+        self._detail_max = receipt_detail_max_group
         self._pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
         self._send_queue: deque[_PendingSend] = deque()
@@ -739,7 +748,9 @@ class PostgresStore:
             inbox = _InboxAppender()
             now = self._clock()
             for conv_id, seq in acked:
-                await _advance(conn, inbox, int(conv_id), user_id, int(seq), 0, now)
+                await _advance(
+                    conn, inbox, int(conv_id), user_id, int(seq), 0, now, self._detail_max
+                )
             return await inbox.flush(conn)
 
         return await self._write(txn)
@@ -752,7 +763,9 @@ class PostgresStore:
                 raise BadPosition(f"seq {up_to_seq} is beyond the last message ({last})")
             inbox = _InboxAppender()
             # Read implies delivered: both move.
-            await _advance(conn, inbox, conv_id, user_id, up_to_seq, up_to_seq, self._clock())
+            await _advance(
+                conn, inbox, conv_id, user_id, up_to_seq, up_to_seq, self._clock(), self._detail_max
+            )
             return await inbox.flush(conn)
 
         return await self._write(txn)
@@ -1035,12 +1048,12 @@ async def _advance(
     delivered_to: int,
     read_to: int,
     now: float,
+    detail_max_group: int,
 ) -> None:
-    """Move a member's receipt positions forward (never back) and tell the senders.
-
-    Each other current member who sent a (non-system) message in a range that moved gets
-    one receipt entry with the member's new positions and the conversation's aggregate.
-    """
+    """Move a member's receipt positions forward (never back) and tell the senders of the
+    messages in the moved ranges: each sender once, with the member's new positions and
+    the aggregate; in a group over ``detail_max_group`` members, only when the aggregate
+    moves (`pigeon.store.receipts`)."""
     row = await conn.fetchrow(
         "SELECT delivered_seq, read_seq FROM members WHERE conv_id = $1 AND user_id = $2"
         " FOR UPDATE",
@@ -1049,41 +1062,71 @@ async def _advance(
     )
     if row is None:  # left the conversation since: nothing to record
         return
-    old_delivered, old_read = int(row[0]), int(row[1])
-    new_read = max(old_read, read_to)
-    new_delivered = max(old_delivered, delivered_to, new_read)
-    if (new_delivered, new_read) == (old_delivered, old_read):
+    old = (int(row[0]), int(row[1]))
+    new = receipts.advance(old, delivered_to, read_to)
+    if new is None:
         return
+    detailed = await _member_count_at_most(conn, conv_id, detail_max_group)
+    before = await _aggregate(conn, conv_id)
     await conn.execute(
         "UPDATE members SET delivered_seq = $1, read_seq = $2 WHERE conv_id = $3 AND user_id = $4",
-        new_delivered,
-        new_read,
+        *new,
         conv_id,
         user_id,
     )
-    senders = await conn.fetch(
-        "SELECT DISTINCT sender_id FROM messages"
-        " WHERE conv_id = $1 AND sender_id <> $2 AND kind <> 'system'"
-        " AND ((seq > $3 AND seq <= $4) OR (seq > $5 AND seq <= $6))"
-        " AND sender_id IN (SELECT user_id FROM members WHERE conv_id = $1)"
-        " ORDER BY sender_id",
+    if detailed:
+        senders = await _senders(conn, conv_id, user_id, receipts.moved_ranges(old, new))
+        if not senders:
+            return
+        state = ReceiptState(conv_id, user_id, *new, *await _aggregate(conn, conv_id), now)
+    else:
+        if not receipts.could_move_aggregate(old, before):
+            return
+        after = await _aggregate(conn, conv_id)
+        senders = await _senders(conn, conv_id, user_id, receipts.moved_ranges(before, after))
+        state = ReceiptState(conv_id, receipts.AGGREGATE_USER, *after, *after, now)
+    for sender in senders:
+        inbox.append(sender, conv_id, now, receipt=state)
+
+
+async def _member_count_at_most(conn: Conn, conv_id: int, limit: int) -> bool:
+    # Counts at most limit + 1 rows: cheap whatever the group's size.
+    count = await conn.fetchval(
+        "SELECT count(*) FROM (SELECT 1 FROM members WHERE conv_id = $1 LIMIT $2) m",
         conv_id,
-        user_id,
-        old_delivered,
-        new_delivered,
-        old_read,
-        new_read,
+        limit + 1,
     )
-    if not senders:
-        return
-    aggregate = await conn.fetchrow(
-        "SELECT min(delivered_seq), min(read_seq) FROM members WHERE conv_id = $1", conv_id
+    return int(count) <= limit
+
+
+async def _aggregate(conn: Conn, conv_id: int) -> tuple[int, int]:
+    """(min delivered, min read) over the members: index lookups (0003 migration)."""
+    row = await conn.fetchrow(
+        "SELECT (SELECT min(delivered_seq) FROM members WHERE conv_id = $1),"
+        " (SELECT min(read_seq) FROM members WHERE conv_id = $1)",
+        conv_id,
     )
-    state = ReceiptState(
-        conv_id, user_id, new_delivered, new_read, int(aggregate[0]), int(aggregate[1]), now
-    )
-    for (sender,) in senders:
-        inbox.append(int(sender), conv_id, now, receipt=state)
+    return int(row[0] or 0), int(row[1] or 0)
+
+
+async def _senders(
+    conn: Conn, conv_id: int, except_user: int, ranges: list[tuple[int, int]]
+) -> list[int]:
+    """Current members other than ``except_user`` who sent a user message in the ranges."""
+    found: set[int] = set()
+    for after, up_to in ranges:
+        rows = await conn.fetch(
+            "SELECT DISTINCT m.sender_id FROM messages m"
+            " WHERE m.conv_id = $1 AND m.seq > $2 AND m.seq <= $3 AND m.sender_id <> $4"
+            " AND m.kind <> 'system' AND EXISTS (SELECT 1 FROM members mm"
+            " WHERE mm.conv_id = m.conv_id AND mm.user_id = m.sender_id)",
+            conv_id,
+            after,
+            up_to,
+            except_user,
+        )
+        found.update(int(r[0]) for r in rows)
+    return sorted(found)
 
 
 async def _lock_conversation(conn: Conn, conv_id: int) -> int:

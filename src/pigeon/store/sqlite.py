@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any, TypeVar, cast
 
+from pigeon.store import receipts
 from pigeon.store.errors import (
     BadPosition,
     Conflict,
@@ -75,9 +76,16 @@ _MSG_COLS = "conv_id, seq, sender_id, sender_device, client_id, kind, body, ts"
 class SqliteStore:
     """`pigeon.store.base.Store` on one SQLite file."""
 
-    def __init__(self, path: str | pathlib.Path, *, clock: Clock = time.time) -> None:
+    def __init__(
+        self,
+        path: str | pathlib.Path,
+        *,
+        clock: Clock = time.time,
+        receipt_detail_max_group: int = receipts.DEFAULT_DETAIL_MAX_GROUP,
+    ) -> None:
         self._path = str(path)
         self._clock = clock
+        self._detail_max = receipt_detail_max_group
         self._writer: ThreadPoolExecutor | None = None
         self._reader: ThreadPoolExecutor | None = None
         # Each connection is created, used and closed only in its own thread.
@@ -753,7 +761,7 @@ class SqliteStore:
             inbox = _InboxAppender(conn)
             now = self._clock()
             for conv_id, seq in acked:
-                _advance(conn, inbox, int(conv_id), user_id, int(seq), 0, now)
+                _advance(conn, inbox, int(conv_id), user_id, int(seq), 0, now, self._detail_max)
             return inbox.flush()
 
         return await self._write(txn)
@@ -766,7 +774,9 @@ class SqliteStore:
                 raise BadPosition(f"seq {up_to_seq} is beyond the last message ({last})")
             inbox = _InboxAppender(conn)
             # Read implies delivered: both move.
-            _advance(conn, inbox, conv_id, user_id, up_to_seq, up_to_seq, self._clock())
+            _advance(
+                conn, inbox, conv_id, user_id, up_to_seq, up_to_seq, self._clock(), self._detail_max
+            )
             return inbox.flush()
 
         return await self._write(txn)
@@ -935,45 +945,78 @@ def _advance(
     delivered_to: int,
     read_to: int,
     now: float,
+    detail_max_group: int,
 ) -> None:
-    """Move a member's receipt positions forward (never back) and tell the senders.
-
-    Each other current member who sent a (non-system) message in a range that moved gets
-    one receipt entry with the member's new positions and the conversation's aggregate.
-    """
+    """Move a member's receipt positions forward (never back) and tell the senders of the
+    messages in the moved ranges: each sender once, with the member's new positions and
+    the aggregate; in a group over ``detail_max_group`` members, only when the aggregate
+    moves (`pigeon.store.receipts`)."""
     row = conn.execute(
         "SELECT delivered_seq, read_seq FROM members WHERE conv_id = ? AND user_id = ?",
         (conv_id, user_id),
     ).fetchone()
     if row is None:  # left the conversation since: nothing to record
         return
-    old_delivered, old_read = int(row[0]), int(row[1])
-    new_read = max(old_read, read_to)
-    new_delivered = max(old_delivered, delivered_to, new_read)
-    if (new_delivered, new_read) == (old_delivered, old_read):
+    old = (int(row[0]), int(row[1]))
+    new = receipts.advance(old, delivered_to, read_to)
+    if new is None:
         return
+    detailed = _member_count_at_most(conn, conv_id, detail_max_group)
+    before = _aggregate(conn, conv_id)
     conn.execute(
         "UPDATE members SET delivered_seq = ?, read_seq = ? WHERE conv_id = ? AND user_id = ?",
-        (new_delivered, new_read, conv_id, user_id),
+        (*new, conv_id, user_id),
     )
-    senders = conn.execute(
-        "SELECT DISTINCT sender_id FROM messages"
-        " WHERE conv_id = ? AND sender_id <> ? AND kind <> 'system'"
-        " AND ((seq > ? AND seq <= ?) OR (seq > ? AND seq <= ?))"
-        " AND sender_id IN (SELECT user_id FROM members WHERE conv_id = ?)"
-        " ORDER BY sender_id",
-        (conv_id, user_id, old_delivered, new_delivered, old_read, new_read, conv_id),
-    ).fetchall()
-    if not senders:
-        return
-    all_delivered, all_read = conn.execute(
-        "SELECT MIN(delivered_seq), MIN(read_seq) FROM members WHERE conv_id = ?", (conv_id,)
+    if detailed:
+        senders = _senders(conn, conv_id, user_id, receipts.moved_ranges(old, new))
+        if not senders:
+            return
+        state = ReceiptState(conv_id, user_id, *new, *_aggregate(conn, conv_id), now)
+    else:
+        if not receipts.could_move_aggregate(old, before):
+            return
+        after = _aggregate(conn, conv_id)
+        senders = _senders(conn, conv_id, user_id, receipts.moved_ranges(before, after))
+        state = ReceiptState(conv_id, receipts.AGGREGATE_USER, *after, *after, now)
+    for sender in senders:
+        inbox.append(sender, conv_id, now, receipt=state)
+
+
+def _member_count_at_most(conn: sqlite3.Connection, conv_id: int, limit: int) -> bool:
+    # Counts at most limit + 1 rows: cheap whatever the group's size.
+    row = conn.execute(
+        "SELECT COUNT(*) FROM (SELECT 1 FROM members WHERE conv_id = ? LIMIT ?)",
+        (conv_id, limit + 1),
     ).fetchone()
-    state = ReceiptState(
-        conv_id, user_id, new_delivered, new_read, int(all_delivered), int(all_read), now
-    )
-    for (sender,) in senders:
-        inbox.append(int(sender), conv_id, now, receipt=state)
+    return int(row[0]) <= limit
+
+
+def _aggregate(conn: sqlite3.Connection, conv_id: int) -> tuple[int, int]:
+    """(min delivered, min read) over the members: two index lookups (0002 migration)."""
+    delivered = conn.execute(
+        "SELECT MIN(delivered_seq) FROM members WHERE conv_id = ?", (conv_id,)
+    ).fetchone()[0]
+    read = conn.execute(
+        "SELECT MIN(read_seq) FROM members WHERE conv_id = ?", (conv_id,)
+    ).fetchone()[0]
+    return int(delivered or 0), int(read or 0)
+
+
+def _senders(
+    conn: sqlite3.Connection, conv_id: int, except_user: int, ranges: list[tuple[int, int]]
+) -> list[int]:
+    """Current members other than ``except_user`` who sent a user message in the ranges."""
+    found: set[int] = set()
+    for after, up_to in ranges:
+        rows = conn.execute(
+            "SELECT DISTINCT m.sender_id FROM messages m"
+            " WHERE m.conv_id = ? AND m.seq > ? AND m.seq <= ? AND m.sender_id <> ?"
+            " AND m.kind <> 'system' AND EXISTS (SELECT 1 FROM members mm"
+            " WHERE mm.conv_id = m.conv_id AND mm.user_id = m.sender_id)",
+            (conv_id, after, up_to, except_user),
+        )
+        found.update(int(r[0]) for r in rows)
+    return sorted(found)
 
 
 def _in_savepoint(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T | Exception:
