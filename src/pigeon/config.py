@@ -30,6 +30,9 @@ class Config:
     port: int = 8080
     data_dir: Path = Path("pigeon-data")
     store_url: str = ""  # empty: SQLite under data_dir
+    # SQLite: fsync every commit (power-loss durable). False: only at checkpoints (a `sent`
+    # survives a crash of Pigeon, not of the machine), for disks with slow, erratic flushes.
+    sqlite_fsync: bool = True
     bus_url: str = "memory://"
     workers: int = 1  # in-process fan-out workers
     gateway_id: str = ""  # empty: generated
@@ -42,6 +45,9 @@ class Config:
     fanout_batch: int = 256  # messages per fan-out transaction
     fanout_lease_s: float = 10.0  # a dead worker's conversations are taken over after this
     shutdown_grace_s: float = 10.0
+    # Pending connections the kernel queues: a reconnect storm overflows a small queue, and
+    # dropped SYNs are retried only after 1, 2, 4... seconds (net.core.somaxconn caps it).
+    listen_backlog: int = 4096
     limits: Limits = Limits()
 
     @property

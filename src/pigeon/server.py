@@ -38,7 +38,7 @@ def open_store(config: Config) -> Store:
         path = url.removeprefix("sqlite://") if url else str(config.sqlite_path)
         if not url:
             config.data_dir.mkdir(parents=True, exist_ok=True)
-        return SqliteStore(path, receipt_detail_max_group=detail)
+        return SqliteStore(path, receipt_detail_max_group=detail, fsync=config.sqlite_fsync)
     if url.startswith(("postgresql://", "postgres://")):
         from pigeon.store.postgres import PostgresStore  # asyncpg: the "scale" extra
 
@@ -120,7 +120,13 @@ class Server:
             self._tasks.append(asyncio.create_task(pruner.run()))
         self._runner = web.AppRunner(self.app(), handle_signals=False, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
+        site = web.TCPSite(
+            self._runner,
+            self.config.host,
+            self.config.port,
+            reuse_address=True,
+            backlog=self.config.listen_backlog,
+        )
         await site.start()
         self.port = self._runner.addresses[0][1] if self._runner.addresses else self.config.port
         log.info(

@@ -82,8 +82,10 @@ class SqliteStore:
         *,
         clock: Clock = time.time,
         receipt_detail_max_group: int = receipts.DEFAULT_DETAIL_MAX_GROUP,
+        fsync: bool = True,
     ) -> None:
         self._path = str(path)
+        self._fsync = fsync
         self._clock = clock
         self._detail_max = receipt_detail_max_group
         self._writer: ThreadPoolExecutor | None = None
@@ -134,7 +136,9 @@ class SqliteStore:
         conn = sqlite3.connect(self._path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA foreign_keys = ON")
-        conn.execute("PRAGMA synchronous = FULL")  # fsync the WAL at each commit: durable
+        # FULL: fsync the WAL at each commit, power-loss durable. NORMAL: fsync at checkpoints
+        # only; a commit survives a crash of the process, not of the machine.
+        conn.execute(f"PRAGMA synchronous = {'FULL' if self._fsync else 'NORMAL'}")
         conn.execute("PRAGMA cache_size = -65536")  # 64 MiB; helps batched commits (3a)
         return conn
 
