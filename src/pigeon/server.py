@@ -85,12 +85,21 @@ class Server:
             for i in range(self.config.workers)
         ]
         self.hub = Hub(
-            self.config, self.gateway_id, self.store, self.bus, router, self._wake_workers
+            self.config,
+            self.gateway_id,
+            self.store,
+            self.bus,
+            router,
+            self._wake_workers,
+            on_sending=self._wake_local_workers,
         )
 
-    def _wake_workers(self) -> None:
+    def _wake_local_workers(self) -> None:
         for worker in self.workers:
             worker.wake()
+
+    def _wake_workers(self) -> None:
+        self._wake_local_workers()
         if not self.workers:  # the workers are `pigeon worker` processes: wake them
             self._notifier()
 

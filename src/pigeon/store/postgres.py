@@ -1067,7 +1067,7 @@ async def _advance(
     if new is None:
         return
     detailed = await _member_count_at_most(conn, conv_id, detail_max_group)
-    before = await _aggregate(conn, conv_id)
+    before = None if detailed else await _aggregate(conn, conv_id)
     await conn.execute(
         "UPDATE members SET delivered_seq = $1, read_seq = $2 WHERE conv_id = $3 AND user_id = $4",
         *new,
@@ -1080,6 +1080,7 @@ async def _advance(
             return
         state = ReceiptState(conv_id, user_id, *new, *await _aggregate(conn, conv_id), now)
     else:
+        assert before is not None
         if not receipts.could_move_aggregate(old, before):
             return
         after = await _aggregate(conn, conv_id)

@@ -966,7 +966,7 @@ def _advance(
     if new is None:
         return
     detailed = _member_count_at_most(conn, conv_id, detail_max_group)
-    before = _aggregate(conn, conv_id)
+    before = None if detailed else _aggregate(conn, conv_id)
     conn.execute(
         "UPDATE members SET delivered_seq = ?, read_seq = ? WHERE conv_id = ? AND user_id = ?",
         (*new, conv_id, user_id),
@@ -977,6 +977,7 @@ def _advance(
             return
         state = ReceiptState(conv_id, user_id, *new, *_aggregate(conn, conv_id), now)
     else:
+        assert before is not None
         if not receipts.could_move_aggregate(old, before):
             return
         after = _aggregate(conn, conv_id)
