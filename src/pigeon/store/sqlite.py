@@ -88,6 +88,8 @@ class SqliteStore:
         self._fsync = fsync
         self._clock = clock
         self._detail_max = receipt_detail_max_group
+        # conv -> (valid until, detailed receipts?); touched by the writer thread only
+        self._detail_cache: dict[int, tuple[float, bool]] = {}
         self._writer: ThreadPoolExecutor | None = None
         self._reader: ThreadPoolExecutor | None = None
         # Each connection is created, used and closed only in its own thread.
@@ -746,13 +748,14 @@ class SqliteStore:
     async def ack(self, device_id: int, up_to: int) -> list[InboxEntry]:
         def txn(conn: sqlite3.Connection) -> list[InboxEntry]:
             row = conn.execute(
-                "SELECT user_id, cursor FROM devices WHERE id = ? AND revoked_at IS NULL",
+                "SELECT d.user_id, d.cursor, u.inbox_head FROM devices d"
+                " JOIN users u ON u.id = d.user_id WHERE d.id = ? AND d.revoked_at IS NULL",
                 (device_id,),
             ).fetchone()
             if row is None:
                 raise NotFound(f"no device {device_id}")
             user_id, cursor = int(row[0]), int(row[1])
-            new_cursor = min(up_to, _inbox_head(conn, user_id))
+            new_cursor = min(up_to, int(row[2]))
             if new_cursor <= cursor:
                 return []
             conn.execute("UPDATE devices SET cursor = ? WHERE id = ?", (new_cursor, device_id))
@@ -765,10 +768,24 @@ class SqliteStore:
             inbox = _InboxAppender(conn)
             now = self._clock()
             for conv_id, seq in acked:
-                _advance(conn, inbox, int(conv_id), user_id, int(seq), 0, now, self._detail_max)
+                _advance(conn, inbox, int(conv_id), user_id, int(seq), 0, now, self._detailed)
             return inbox.flush()
 
         return await self._write(txn)
+
+    def _detailed(self, conn: sqlite3.Connection, conv_id: int) -> bool:
+        """Whether members' receipts are told one by one (small conversations). Cached for
+        a second per conversation: every ack asks, membership rarely changes, and a stale
+        answer only changes how receipts are told, not what is recorded."""
+        now = time.monotonic()
+        cached = self._detail_cache.get(conv_id)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        detailed = _member_count_at_most(conn, conv_id, self._detail_max)
+        if len(self._detail_cache) > 100_000:
+            self._detail_cache.clear()
+        self._detail_cache[conv_id] = (now + 1.0, detailed)
+        return detailed
 
     async def mark_read(self, user_id: int, conv_id: int, up_to_seq: int) -> list[InboxEntry]:
         def txn(conn: sqlite3.Connection) -> list[InboxEntry]:
@@ -779,7 +796,7 @@ class SqliteStore:
             inbox = _InboxAppender(conn)
             # Read implies delivered: both move.
             _advance(
-                conn, inbox, conv_id, user_id, up_to_seq, up_to_seq, self._clock(), self._detail_max
+                conn, inbox, conv_id, user_id, up_to_seq, up_to_seq, self._clock(), self._detailed
             )
             return inbox.flush()
 
@@ -867,6 +884,8 @@ class _InboxAppender:
 
     def flush(self) -> list[InboxEntry]:
         """Write what was appended; return the entries in the order they were appended."""
+        if not self._rows:
+            return []
         self._conn.executemany(
             "INSERT INTO inbox (user_id, inbox_seq, conv_id, msg_seq, receipt, ts)"
             " VALUES (?, ?, ?, ?, ?, ?)",
@@ -949,12 +968,11 @@ def _advance(
     delivered_to: int,
     read_to: int,
     now: float,
-    detail_max_group: int,
+    detailed_receipts: Callable[[sqlite3.Connection, int], bool],
 ) -> None:
     """Move a member's receipt positions forward (never back) and tell the senders of the
     messages in the moved ranges: each sender once, with the member's new positions and
-    the aggregate; in a group over ``detail_max_group`` members, only when the aggregate
-    moves (`pigeon.store.receipts`)."""
+    the aggregate; in a big group, only when the aggregate moves (`pigeon.store.receipts`)."""
     row = conn.execute(
         "SELECT delivered_seq, read_seq FROM members WHERE conv_id = ? AND user_id = ?",
         (conv_id, user_id),
@@ -965,7 +983,7 @@ def _advance(
     new = receipts.advance(old, delivered_to, read_to)
     if new is None:
         return
-    detailed = _member_count_at_most(conn, conv_id, detail_max_group)
+    detailed = detailed_receipts(conn, conv_id)
     before = None if detailed else _aggregate(conn, conv_id)
     conn.execute(
         "UPDATE members SET delivered_seq = ?, read_seq = ? WHERE conv_id = ? AND user_id = ?",
@@ -998,12 +1016,11 @@ def _member_count_at_most(conn: sqlite3.Connection, conv_id: int, limit: int) ->
 
 def _aggregate(conn: sqlite3.Connection, conv_id: int) -> tuple[int, int]:
     """(min delivered, min read) over the members: two index lookups (0002 migration)."""
-    delivered = conn.execute(
-        "SELECT MIN(delivered_seq) FROM members WHERE conv_id = ?", (conv_id,)
-    ).fetchone()[0]
-    read = conn.execute(
-        "SELECT MIN(read_seq) FROM members WHERE conv_id = ?", (conv_id,)
-    ).fetchone()[0]
+    delivered, read = conn.execute(
+        "SELECT (SELECT MIN(delivered_seq) FROM members WHERE conv_id = ?1),"
+        " (SELECT MIN(read_seq) FROM members WHERE conv_id = ?1)",
+        (conv_id,),
+    ).fetchone()
     return int(delivered or 0), int(read or 0)
 
 
