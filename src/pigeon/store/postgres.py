@@ -34,12 +34,11 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from importlib import resources
 from typing import Any, TypeVar, cast
 
 import asyncpg
 
-from pigeon.store import receipts
+from pigeon.store import receipts, records
 from pigeon.store.errors import (
     BadPosition,
     Conflict,
@@ -52,7 +51,6 @@ from pigeon.store.errors import (
 )
 from pigeon.store.models import (
     Conversation,
-    ConversationKind,
     ConversationSummary,
     Device,
     FanoutBatch,
@@ -214,21 +212,21 @@ class PostgresStore:
                 )
             except asyncpg.UniqueViolationError as exc:
                 raise Conflict(f"username {username!r} is taken") from exc
-            return _user(row)
+            return records.user(row)
 
         return await self._write(txn)
 
     async def get_user(self, user_id: int) -> User | None:
         async with self._connection() as conn:
             row = await conn.fetchrow(f"SELECT {_USER_COLS} FROM users WHERE id = $1", user_id)
-        return _maybe(_user, row)
+        return records.maybe(records.user, row)
 
     async def find_user(self, username: str) -> User | None:
         async with self._connection() as conn:
             row = await conn.fetchrow(
                 f"SELECT {_USER_COLS} FROM users WHERE lower(username) = lower($1)", username
             )
-        return _maybe(_user, row)
+        return records.maybe(records.user, row)
 
     async def password_hash(self, user_id: int) -> str:
         async with self._connection() as conn:
@@ -250,7 +248,7 @@ class PostgresStore:
     async def list_users(self) -> list[User]:
         async with self._connection() as conn:
             rows = await conn.fetch(f"SELECT {_USER_COLS} FROM users ORDER BY id")
-        return [_user(r) for r in rows]
+        return [records.user(r) for r in rows]
 
     async def create_device(self, user_id: int, name: str, token_hash: str) -> Device:
         async def txn(conn: Conn) -> Device:
@@ -267,7 +265,7 @@ class PostgresStore:
                 )
             except asyncpg.UniqueViolationError as exc:
                 raise Conflict("token hash already in use") from exc
-            return _device(row)
+            return records.device(row)
 
         return await self._write(txn)
 
@@ -277,14 +275,14 @@ class PostgresStore:
                 f"SELECT {_DEVICE_COLS} FROM devices WHERE token_hash = $1 AND revoked_at IS NULL",
                 token_hash,
             )
-        return _maybe(_device, row)
+        return records.maybe(records.device, row)
 
     async def list_devices(self, user_id: int) -> list[Device]:
         async with self._connection() as conn:
             rows = await conn.fetch(
                 f"SELECT {_DEVICE_COLS} FROM devices WHERE user_id = $1 ORDER BY id", user_id
             )
-        return [_device(r) for r in rows]
+        return [records.device(r) for r in rows]
 
     async def revoke_device(self, user_id: int, device_id: int) -> bool:
         async def txn(conn: Conn) -> bool:
@@ -484,7 +482,7 @@ class PostgresStore:
                     limit,
                 )
                 rows.reverse()
-            return [_message(r) for r in rows]
+            return [records.message(r) for r in rows]
 
         return await self._read(txn)
 
@@ -707,7 +705,7 @@ class PostgresStore:
                 after,
                 max(limit, 0),
             )
-        return [_inbox_entry(r) for r in rows]
+        return [records.inbox_entry(r) for r in rows]
 
     async def inbox_bounds(self, user_id: int) -> InboxBounds:
         async with self._connection() as conn:
@@ -930,25 +928,25 @@ class _InboxAppender:
 
 
 async def _insert_inbox(conn: Conn, entries: list[InboxEntry]) -> None:
-    records = [
+    rows = [
         (
             e.user_id,
             e.inbox_seq,
             e.conv_id,
             e.message.seq if e.message is not None else None,
-            _receipt_json(e.receipt) if e.receipt is not None else None,
+            records.receipt_json(e.receipt) if e.receipt is not None else None,
             e.ts,
         )
         for e in entries
     ]
     columns = ["user_id", "inbox_seq", "conv_id", "msg_seq", "receipt", "ts"]
-    if len(records) >= COPY_THRESHOLD:  # COPY wins for big fan-outs (3b), costs more for few
-        await conn.copy_records_to_table("inbox", records=records, columns=columns)
+    if len(rows) >= COPY_THRESHOLD:  # COPY wins for big fan-outs (3b), costs more for few
+        await conn.copy_records_to_table("inbox", records=rows, columns=columns)
         return
     await conn.execute(
         f"INSERT INTO inbox ({', '.join(columns)}) SELECT * FROM unnest($1::bigint[],"
         " $2::bigint[], $3::bigint[], $4::bigint[], $5::text[], $6::float8[])",
-        *_columns(records, len(columns)),
+        *_columns(rows, len(columns)),
     )
 
 
@@ -998,7 +996,7 @@ async def _fanout_conversation(
     departed = await _pending_departures(conn, conv_id)
     last = 0
     for row in rows:
-        message = _message(row)
+        message = records.message(row)
         last = message.seq
         targets = [int(u) for u, joined_seq in members if joined_seq < message.seq]
         for user, after, until in departed:
@@ -1344,14 +1342,14 @@ async def _members(conn: Conn, conv_id: int) -> list[Member]:
         f"SELECT {_MEMBER_COLS} FROM members WHERE conv_id = $1 ORDER BY {_MEMBER_ORDER}",
         conv_id,
     )
-    return [_member(r) for r in rows]
+    return [records.member(r) for r in rows]
 
 
 async def _load_conversation(conn: Conn, conv_id: int) -> Conversation:
     row = await conn.fetchrow(f"SELECT {_CONV_COLS} FROM conversations WHERE id = $1", conv_id)
     if row is None:
         raise NotMember(f"no conversation {conv_id}")
-    return _conversation(row, tuple(await _members(conn, conv_id)))
+    return records.conversation(row, tuple(await _members(conn, conv_id)))
 
 
 async def _list_conversations(conn: Conn, user_id: int) -> list[ConversationSummary]:
@@ -1372,11 +1370,11 @@ async def _list_conversations(conn: Conn, user_id: int) -> list[ConversationSumm
         f" ORDER BY conv_id, {_MEMBER_ORDER}",
         user_id,
     ):
-        members.setdefault(int(row[0]), []).append(_member(row[1:]))
+        members.setdefault(int(row[0]), []).append(records.member(row[1:]))
     summaries = []
     for row in convs:
-        conv = _conversation(row[:5], tuple(members.get(int(row[0]), ())))
-        last = None if row[6] is None else _message(row[6:])
+        conv = records.conversation(row[:5], tuple(members.get(int(row[0]), ())))
+        last = None if row[6] is None else records.message(row[6:])
         summaries.append(ConversationSummary(conv, last, int(row[5])))
     return summaries
 
@@ -1394,60 +1392,6 @@ def _rowcount(status: str) -> int:
     return int(status.rsplit(" ", 1)[-1])
 
 
-def _maybe(convert: Callable[[Row], T], row: Row | None) -> T | None:
-    return None if row is None else convert(row)
-
-
-def _user(row: Row) -> User:
-    return User(int(row[0]), str(row[1]), str(row[2]), float(row[3]))
-
-
-def _device(row: Row) -> Device:
-    return Device(
-        id=int(row[0]),
-        user_id=int(row[1]),
-        name=str(row[2]),
-        created_at=float(row[3]),
-        revoked=row[4] is not None,
-        cursor=int(row[5]),
-    )
-
-
-def _member(row: Row) -> Member:
-    return Member(int(row[0]), cast(Role, row[1]), float(row[2]), int(row[3]), int(row[4]))
-
-
-def _conversation(row: Row, members: tuple[Member, ...]) -> Conversation:
-    kind = cast(ConversationKind, row[1])
-    return Conversation(int(row[0]), kind, str(row[2]), float(row[3]), int(row[4]), members)
-
-
-def _message(row: Row) -> Message:
-    return Message(
-        conv_id=int(row[0]),
-        seq=int(row[1]),
-        sender_id=int(row[2]),
-        sender_device=int(row[3]),
-        client_id=str(row[4]),
-        kind=str(row[5]),
-        body=str(row[6]),
-        ts=float(row[7]),
-    )
-
-
-def _receipt_json(state: ReceiptState) -> str:
-    return json.dumps(dataclasses.asdict(state), separators=(",", ":"))
-
-
-def _inbox_entry(row: Row) -> InboxEntry:
-    user_id, inbox_seq, conv_id, ts, receipt = row[:5]
-    message = None if row[5] is None else _message(row[5:])
-    state = None if receipt is None else ReceiptState(**json.loads(receipt))
-    return InboxEntry(
-        int(user_id), int(inbox_seq), int(conv_id), float(ts), message=message, receipt=state
-    )
-
-
 def _map_error(exc: BaseException) -> StoreError:
     if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
         return Conflict(str(exc))
@@ -1456,16 +1400,6 @@ def _map_error(exc: BaseException) -> StoreError:
 
 
 # -- migrations ------------------------------------------------------------------------------
-
-
-def _migrations() -> list[tuple[int, str, str]]:
-    """(number, file name, SQL) of every packaged migration, in order."""
-    found = []
-    for entry in resources.files(MIGRATIONS_PACKAGE).iterdir():
-        name = entry.name
-        if name.endswith(".sql"):
-            found.append((int(name.split("_", 1)[0]), name, entry.read_text(encoding="utf-8")))
-    return sorted(found)
 
 
 async def _migrate(conn: Conn, clock: Clock) -> None:
@@ -1481,7 +1415,7 @@ async def _migrate(conn: Conn, clock: Clock) -> None:
             " name text NOT NULL, applied_at double precision NOT NULL)"
         )
         current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
-        for number, name, script in _migrations():
+        for number, name, script in records.packaged_migrations(MIGRATIONS_PACKAGE):
             if number <= current:
                 continue
             async with conn.transaction():

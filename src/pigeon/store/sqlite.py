@@ -24,10 +24,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from importlib import resources
 from typing import Any, TypeVar, cast
 
-from pigeon.store import receipts
+from pigeon.store import receipts, records
 from pigeon.store.errors import (
     BadPosition,
     Conflict,
@@ -311,14 +310,14 @@ class SqliteStore:
                 ).fetchone()
             except sqlite3.IntegrityError as exc:
                 raise Conflict(f"username {username!r} is taken") from exc
-            return _user(row)
+            return records.user(row)
 
         return await self._write(txn)
 
     async def get_user(self, user_id: int) -> User | None:
         def txn(conn: sqlite3.Connection) -> User | None:
             row = conn.execute(f"SELECT {_USER_COLS} FROM users WHERE id = ?", (user_id,))
-            return _maybe(_user, row.fetchone())
+            return records.maybe(records.user, row.fetchone())
 
         return await self._read(txn)
 
@@ -326,7 +325,7 @@ class SqliteStore:
         def txn(conn: sqlite3.Connection) -> User | None:
             # The column is COLLATE NOCASE, so '=' is case-insensitive and uses the index.
             row = conn.execute(f"SELECT {_USER_COLS} FROM users WHERE username = ?", (username,))
-            return _maybe(_user, row.fetchone())
+            return records.maybe(records.user, row.fetchone())
 
         return await self._read(txn)
 
@@ -353,7 +352,7 @@ class SqliteStore:
     async def list_users(self) -> list[User]:
         def txn(conn: sqlite3.Connection) -> list[User]:
             rows = conn.execute(f"SELECT {_USER_COLS} FROM users ORDER BY id")
-            return [_user(r) for r in rows]
+            return [records.user(r) for r in rows]
 
         return await self._read(txn)
 
@@ -368,7 +367,7 @@ class SqliteStore:
                 ).fetchone()
             except sqlite3.IntegrityError as exc:
                 raise Conflict("token hash already in use") from exc
-            return _device(row)
+            return records.device(row)
 
         return await self._write(txn)
 
@@ -378,7 +377,7 @@ class SqliteStore:
                 f"SELECT {_DEVICE_COLS} FROM devices WHERE token_hash = ? AND revoked_at IS NULL",
                 (token_hash,),
             )
-            return _maybe(_device, row.fetchone())
+            return records.maybe(records.device, row.fetchone())
 
         return await self._read(txn)
 
@@ -387,7 +386,7 @@ class SqliteStore:
             rows = conn.execute(
                 f"SELECT {_DEVICE_COLS} FROM devices WHERE user_id = ? ORDER BY id", (user_id,)
             )
-            return [_device(r) for r in rows]
+            return [records.device(r) for r in rows]
 
         return await self._read(txn)
 
@@ -560,7 +559,7 @@ class SqliteStore:
                     (conv_id, upper, limit),
                 ).fetchall()
                 rows.reverse()
-            return [_message(r) for r in rows]
+            return [records.message(r) for r in rows]
 
         return await self._read(txn)
 
@@ -730,7 +729,7 @@ class SqliteStore:
                 " WHERE i.user_id = ? AND i.inbox_seq > ? ORDER BY i.inbox_seq LIMIT ?",
                 (user_id, after, max(limit, 0)),
             )
-            return [_inbox_entry(r) for r in rows]
+            return [records.inbox_entry(r) for r in rows]
 
         return await self._read(txn)
 
@@ -876,7 +875,7 @@ class _InboxAppender:
         head += 1
         self._heads[user_id] = head
         msg_seq = message.seq if message is not None else None
-        receipt_json = _receipt_json(receipt) if receipt is not None else None
+        receipt_json = records.receipt_json(receipt) if receipt is not None else None
         self._rows.append((user_id, head, conv_id, msg_seq, receipt_json, ts))
         entry = InboxEntry(user_id, head, conv_id, ts, message=message, receipt=receipt)
         self._entries.append(entry)
@@ -921,7 +920,7 @@ def _fanout_conversation(
     entries: list[InboxEntry] = []
     last = 0
     for row in rows:
-        message = _message(row)
+        message = records.message(row)
         last = message.seq
         targets = [int(u) for u, joined_seq in members if joined_seq < message.seq]
         for user, after, until in departed:
@@ -1201,7 +1200,7 @@ def _members(conn: sqlite3.Connection, conv_id: int) -> list[Member]:
         f"SELECT {_MEMBER_COLS} FROM members WHERE conv_id = ? ORDER BY joined_at, rowid",
         (conv_id,),
     )
-    return [_member(r) for r in rows]
+    return [records.member(r) for r in rows]
 
 
 def _load_conversation(conn: sqlite3.Connection, conv_id: int) -> Conversation:
@@ -1209,7 +1208,7 @@ def _load_conversation(conn: sqlite3.Connection, conv_id: int) -> Conversation:
     found = row.fetchone()
     if found is None:
         raise NotMember(f"no conversation {conv_id}")
-    return _conversation(found, tuple(_members(conn, conv_id)))
+    return records.conversation(found, tuple(_members(conn, conv_id)))
 
 
 def _list_conversations(conn: sqlite3.Connection, user_id: int) -> list[ConversationSummary]:
@@ -1226,10 +1225,10 @@ def _list_conversations(conn: sqlite3.Connection, user_id: int) -> list[Conversa
         " ORDER BY conv_id, joined_at, rowid",
         (user_id,),
     ):
-        members.setdefault(int(row[0]), []).append(_member(row[1:]))
+        members.setdefault(int(row[0]), []).append(records.member(row[1:]))
     summaries = []
     for row in convs:
-        conv = _conversation(row[:5], tuple(members.get(int(row[0]), ())))
+        conv = records.conversation(row[:5], tuple(members.get(int(row[0]), ())))
         last = conn.execute(
             f"SELECT {_MSG_COLS} FROM messages WHERE conv_id = ? AND seq = ?",
             (conv.id, conv.last_seq),
@@ -1238,65 +1237,13 @@ def _list_conversations(conn: sqlite3.Connection, user_id: int) -> list[Conversa
             "SELECT COUNT(*) FROM messages WHERE conv_id = ? AND seq > ? AND sender_id <> ?",
             (conv.id, row[5], user_id),
         ).fetchone()[0]
-        summaries.append(ConversationSummary(conv, _maybe(_message, last), int(unread)))
+        summaries.append(
+            ConversationSummary(conv, records.maybe(records.message, last), int(unread))
+        )
     return summaries
 
 
 # -- rows to records -------------------------------------------------------------------------
-
-
-def _maybe(convert: Callable[[Row], T], row: Row | None) -> T | None:
-    return None if row is None else convert(row)
-
-
-def _user(row: Row) -> User:
-    return User(int(row[0]), str(row[1]), str(row[2]), float(row[3]))
-
-
-def _device(row: Row) -> Device:
-    return Device(
-        id=int(row[0]),
-        user_id=int(row[1]),
-        name=str(row[2]),
-        created_at=float(row[3]),
-        revoked=row[4] is not None,
-        cursor=int(row[5]),
-    )
-
-
-def _member(row: Row) -> Member:
-    return Member(int(row[0]), cast(Role, row[1]), float(row[2]), int(row[3]), int(row[4]))
-
-
-def _conversation(row: Row, members: tuple[Member, ...]) -> Conversation:
-    kind = cast(ConversationKind, row[1])
-    return Conversation(int(row[0]), kind, str(row[2]), float(row[3]), int(row[4]), members)
-
-
-def _message(row: Row) -> Message:
-    return Message(
-        conv_id=int(row[0]),
-        seq=int(row[1]),
-        sender_id=int(row[2]),
-        sender_device=int(row[3]),
-        client_id=str(row[4]),
-        kind=str(row[5]),
-        body=str(row[6]),
-        ts=float(row[7]),
-    )
-
-
-def _receipt_json(state: ReceiptState) -> str:
-    return json.dumps(dataclasses.asdict(state), separators=(",", ":"))
-
-
-def _inbox_entry(row: Row) -> InboxEntry:
-    user_id, inbox_seq, conv_id, ts, receipt = row[:5]
-    message = None if row[5] is None else _message(row[5:])
-    state = None if receipt is None else ReceiptState(**json.loads(receipt))
-    return InboxEntry(
-        int(user_id), int(inbox_seq), int(conv_id), float(ts), message=message, receipt=state
-    )
 
 
 def _map_error(exc: sqlite3.Error) -> StoreError:
@@ -1307,16 +1254,6 @@ def _map_error(exc: sqlite3.Error) -> StoreError:
 
 
 # -- migrations ------------------------------------------------------------------------------
-
-
-def _migrations() -> list[tuple[int, str, str]]:
-    """(number, file name, SQL) of every packaged migration, in order."""
-    found = []
-    for entry in resources.files(MIGRATIONS_PACKAGE).iterdir():
-        name = entry.name
-        if name.endswith(".sql"):
-            found.append((int(name.split("_", 1)[0]), name, entry.read_text(encoding="utf-8")))
-    return sorted(found)
 
 
 def _statements(script: str) -> list[str]:
@@ -1339,7 +1276,7 @@ def _migrate(conn: sqlite3.Connection, clock: Clock) -> None:
         "CREATE TABLE IF NOT EXISTS schema_version"
         " (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
     )
-    for number, name, script in _migrations():
+    for number, name, script in records.packaged_migrations(MIGRATIONS_PACKAGE):
         conn.execute("BEGIN IMMEDIATE")
         try:
             # Read the version under the write lock: another process may be migrating too.
