@@ -22,6 +22,7 @@ class Limits:
     presence_max_group: int = 256  # presence is shared through groups up to this size
     receipt_detail_max_group: int = 100  # bigger groups: senders get aggregate receipts only
     history_page_max: int = 500
+    login_attempts_per_minute: int = 20  # per username, across gateways (password guessing)
 
 
 @dataclass(frozen=True, slots=True)

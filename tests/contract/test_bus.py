@@ -286,3 +286,20 @@ async def test_redis_bus_survives_a_redis_restart(private_redis: RedisServer) ->
     finally:
         await bus.close()
         await peer.close()
+
+
+# -- rate-limit counters ----------------------------------------------------------------------
+
+
+async def test_counters_are_shared_and_reset_with_the_window(bus: Bus, peer: Bus) -> None:
+    assert [await bus.count("login:ana", 60) for _ in range(3)] == [1, 2, 3]
+    assert await peer.count("login:ana", 60) == 4  # the same counter from another process
+    assert await bus.count("login:bob", 60) == 1  # keys are independent
+    # a window short enough to pass: the count starts again
+    first = await bus.count("burst", 0.2)
+
+    async def next_window() -> bool:
+        return await bus.count("burst", 0.2) == 1
+
+    await until(next_window)
+    assert first == 1

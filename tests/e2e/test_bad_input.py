@@ -146,3 +146,22 @@ async def test_http_problems(server: Server, api: Api) -> None:
     assert status == 401
     status, doc = await api.call("GET", "/openapi.json")
     assert status == 200 and "/v1/conversations/{conv_id}/messages" in doc["paths"]
+
+
+async def test_password_guessing_is_rate_limited(server: Server, api: Api) -> None:
+    victim = await api.account("victim")
+    guesses = [
+        await api.call(
+            "POST", "/v1/sessions", body={"username": "victim", "password": f"guess-{i}"}
+        )
+        for i in range(server.config.limits.login_attempts_per_minute - 1)
+    ]
+    assert {status for status, _ in guesses} == {401}  # account() used one attempt too
+    status, body = await api.call(
+        "POST", "/v1/sessions", body={"username": "VICTIM", "password": victim.password}
+    )
+    assert (status, body["code"]) == (429, "rate_limited")  # even the right password waits
+    status, _ = await api.call(
+        "POST", "/v1/sessions", body={"username": "someone-else", "password": "x" * 10}
+    )
+    assert status == 401  # other usernames are not affected

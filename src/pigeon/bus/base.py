@@ -17,9 +17,12 @@ Contract:
 * Fan-out wake-ups: ``notify_fanout`` makes every handler passed to ``on_fanout``, in any
   process on the bus, run soon (at most once per burst of notifications), so fan-out
   workers start on a committed message without waiting for their poll.
+* Rate-limit counters: ``count(key, window_s)`` adds one to ``key``'s counter for the
+  current fixed window of ``window_s`` seconds and returns the new count, shared by every
+  process on the bus (so a client cannot dodge a limit by switching gateways).
 * A bus backend that is down must not take a gateway with it: pushes, registrations and
   wake-ups are shortcuts and may be dropped (logged); reads that answer a client
-  (``presence``) raise `BusUnavailable`.
+  (``presence``, ``count``) raise `BusUnavailable`.
 """
 
 from __future__ import annotations
@@ -73,6 +76,9 @@ class Bus(Protocol):
         """Gateways holding a live device of any of these users -> which of the users."""
 
     async def presence(self, user_ids: Iterable[int]) -> list[PresenceState]: ...
+
+    async def count(self, key: str, window_s: float) -> int:
+        """Count one hit on ``key`` in the current window; return the window's count."""
 
     async def notify_fanout(self) -> None:
         """A message was committed: wake the fan-out workers of every process."""

@@ -19,10 +19,20 @@ class MemoryBus:
         self._by_user: dict[int, set[int]] = {}
         self._last_seen: dict[int, float] = {}
         self._fanout_handlers: list[FanoutHandler] = []
+        self._counters: dict[str, tuple[int, int]] = {}  # key -> (window number, count)
         self._fanout_scheduled = False
 
     async def open(self) -> None:
         pass
+
+    async def count(self, key: str, window_s: float) -> int:
+        window = int(self._clock() // window_s)
+        current, hits = self._counters.get(key, (window, 0))
+        hits = hits + 1 if current == window else 1
+        if len(self._counters) > 100_000:  # old windows of idle keys: drop them all
+            self._counters.clear()
+        self._counters[key] = (window, hits)
+        return hits
 
     async def close(self) -> None:
         self._handlers.clear()

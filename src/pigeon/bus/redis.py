@@ -304,6 +304,20 @@ class RedisBus:
             for user_id, (fields, seen) in zip(users, entries, strict=True)
         ]
 
+    async def count(self, key: str, window_s: float) -> int:
+        window = int(self._clock() // window_s)
+        name = f"{self._prefix}:rl:{key}:{window}"
+        try:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.incr(name)
+                pipe.expire(name, max(1, int(window_s) + 1))
+                hits, _ = await pipe.execute()
+        except RedisError as exc:
+            self._failed("count", exc)
+            raise BusUnavailable("rate limits are unavailable; retry later") from exc
+        self._ok()
+        return int(hits)
+
     # -- publishing --------------------------------------------------------------------
 
     async def publish(self, gateway_id: str, envelope: Envelope) -> None:

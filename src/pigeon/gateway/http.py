@@ -15,6 +15,7 @@ import msgspec
 from aiohttp import web
 
 from pigeon.auth import Passwords, new_token, token_hash
+from pigeon.bus.base import BusUnavailable
 from pigeon.config import Config
 from pigeon.gateway.hub import Hub
 from pigeon.protocol.codes import ErrorCode
@@ -96,7 +97,10 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         return await handler(request)
     except ApiError as exc:
-        return problem(exc.status, exc.code, exc.detail)
+        response = problem(exc.status, exc.code, exc.detail)
+        if exc.status == 429:
+            response.headers["Retry-After"] = "60"
+        return response
     except se.StoreError as exc:
         status, code = _STORE_ERRORS.get(type(exc), (500, ErrorCode.INTERNAL))
         return problem(status, code, str(exc) or code.value)
@@ -238,6 +242,7 @@ class HttpApi:
 
     async def login(self, request: web.Request) -> web.Response:
         body = await self._body(request, Login)
+        await self._limit_logins(body.username)
         user = await self.store.find_user(body.username)
         stored = await self.store.password_hash(user.id) if user else None
         valid = stored is not None and await asyncio.to_thread(
@@ -251,6 +256,16 @@ class HttpApi:
         token = new_token()
         device = await self.store.create_device(user.id, body.device_name, token_hash(token))
         return reply({"token": token, "device": device_json(device), "user": user_json(user)}, 201)
+
+    async def _limit_logins(self, username: str) -> None:
+        """Password guessing: a bounded number of attempts per username per minute, counted
+        on the bus so that every gateway shares the count."""
+        try:
+            attempts = await self.hub.bus.count(f"login:{username.lower()}", 60.0)
+        except BusUnavailable:
+            return  # the limit is a guard, not a dependency: logins go on without it
+        if attempts > self.config.limits.login_attempts_per_minute:
+            raise ApiError(429, ErrorCode.RATE_LIMITED, "too many login attempts; retry later")
 
     async def logout(self, request: web.Request) -> web.Response:
         device = await self._device(request)
