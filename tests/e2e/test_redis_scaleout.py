@@ -46,3 +46,30 @@ async def test_gateway_without_workers_is_served_by_a_worker_process(
     finally:
         await gateway.stop()
         await worker.stop()
+
+
+async def test_logout_on_one_gateway_closes_the_socket_held_by_another(
+    tmp_path: Path, redis_url: str, http: aiohttp.ClientSession
+) -> None:
+    prefix = f"e2e-{uuid.uuid4().hex[:12]}"
+    db = tmp_path / "pigeon.sqlite3"
+    gateways = [
+        Server(
+            replace(make_config(tmp_path), gateway_id=f"gw-{i}", bus_url=redis_url),
+            SqliteStore(db),
+            RedisBus(redis_url, prefix),
+            fast_passwords(),
+        )
+        for i in range(2)
+    ]
+    for gateway in gateways:
+        await gateway.start()
+    try:
+        alice = await Api(http, gateways[0].url).account("alice")
+        sock, _ = await connect(http, gateways[0].url, alice)
+        status, _ = await Api(http, gateways[1].url).call("DELETE", "/v1/sessions", alice.token)
+        assert status == 204
+        assert await sock.closed() == 4004  # closed on gw-0, revoked through gw-1
+    finally:
+        for gateway in gateways:
+            await gateway.stop()

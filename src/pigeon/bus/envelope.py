@@ -16,6 +16,8 @@ class Target(msgspec.Struct, array_like=True):
     skip_device: int = 0
     #: read the user's inbox from the store: entries were committed but never pushed
     nudge: bool = False
+    #: close this device's sockets: it was revoked (logout)
+    revoke_device: int = 0
 
 
 class Envelope(msgspec.Struct, array_like=True):

@@ -74,3 +74,10 @@ class Router:
             await self._bus.publish(
                 gateway_id, Envelope([Target(u, [], nudge=True) for u in users])
             )
+
+    async def revoke(self, user_id: int, device_id: int) -> None:
+        """Close a revoked device's sockets on whichever gateway holds them."""
+        for gateway_id in await self._bus.locate([user_id]):
+            await self._bus.publish(
+                gateway_id, Envelope([Target(user_id, [], revoke_device=device_id)])
+            )

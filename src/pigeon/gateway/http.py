@@ -270,7 +270,7 @@ class HttpApi:
     async def logout(self, request: web.Request) -> web.Response:
         device = await self._device(request)
         await self.store.revoke_device(device.user_id, device.id)
-        self.hub.kick_device(device.id)
+        await self.hub.revoke_device(device.user_id, device.id)
         return web.Response(status=204)
 
     async def me(self, request: web.Request) -> web.Response:
@@ -309,7 +309,7 @@ class HttpApi:
         target = self._int(request, "device_id")
         if not await self.store.revoke_device(device.user_id, target):
             raise ApiError(404, ErrorCode.NOT_FOUND, "no such device")
-        self.hub.kick_device(target)
+        await self.hub.revoke_device(device.user_id, target)
         return web.Response(status=204)
 
     # -- conversations -----------------------------------------------------------------

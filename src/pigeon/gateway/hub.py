@@ -274,6 +274,9 @@ class Hub:
             for conn in self._by_user.get(target.user, ()):
                 if conn.closing or conn.device_id == target.skip_device:
                     continue
+                if target.revoke_device:
+                    self._close_device(target.user, target.revoke_device)
+                    continue
                 if target.nudge:
                     self._spawn(
                         self._guard(conn, None, self._replay(conn, conn.session.inbox.position))
@@ -332,8 +335,13 @@ class Hub:
             await self.bus.unregister(self.gateway_id, conn.user_id, conn.device_id)
             await self._announce_presence(conn.user_id, online=False)
 
-    def kick_device(self, device_id: int) -> None:
-        for conn in list(self.connections):
+    async def revoke_device(self, user_id: int, device_id: int) -> None:
+        """Close the device's sockets here and on every other gateway."""
+        self._close_device(user_id, device_id)
+        await self.router.revoke(user_id, device_id)
+
+    def _close_device(self, user_id: int, device_id: int) -> None:
+        for conn in list(self._by_user.get(user_id, ())):
             if conn.device_id == device_id:
                 conn.close(CloseCode.DEVICE_REVOKED, "device revoked")
 
