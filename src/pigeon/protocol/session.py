@@ -53,6 +53,21 @@ def error(code: ErrorCode, message: str, ref: str | None = None) -> Reply:
 
 
 class Session:
+    # One per socket, and idle sockets are the gateway's main cost: no per-instance dict.
+    __slots__ = (
+        "_acked",
+        "_bad_in_a_row",
+        "_frames",
+        "_sends",
+        "device_id",
+        "inbox",
+        "last_received",
+        "limits",
+        "opened_at",
+        "state",
+        "user_id",
+    )
+
     def __init__(self, limits: Limits, now: float) -> None:
         self.limits = limits
         self.state = State.AWAIT_HELLO
