@@ -137,9 +137,7 @@ class Hub:
         """Turn any failure of one frame's work into an error frame for that frame alone."""
         try:
             await work
-        except se.StoreError as exc:
-            conn.send(store_error_reply(exc, ref).frame)
-        except Exception as exc:
+        except Exception as exc:  # typed store errors, and anything unexpected (logged)
             conn.send(store_error_reply(exc, ref).frame)
 
     async def _hello(self, conn: Connection, hello: f.Hello) -> None:
