@@ -202,17 +202,33 @@ class Background:
 
 
 async def connect_all(
-    http: aiohttp.ClientSession, clients: list[Client], concurrency: int = 200
-) -> None:
-    """Connect every client (at most ``concurrency`` handshakes at once) until caught up."""
+    http: aiohttp.ClientSession,
+    clients: list[Client],
+    concurrency: int = 200,
+    tolerate: bool = False,
+) -> list[str]:
+    """Connect every client (at most ``concurrency`` handshakes at once) until caught up.
+
+    A failed connect raises, unless ``tolerate``: then the failures are returned (one
+    ``repr`` each) and those clients are left unconnected (idle counts them)."""
     gate = asyncio.Semaphore(concurrency)
+    failures: list[str] = []
 
     async def one(client: Client) -> None:
         async with gate:
-            await client.connect(http)
-            await asyncio.wait_for(client.caught_up.wait(), 60)
+            try:
+                await client.connect(http)
+                await asyncio.wait_for(client.caught_up.wait(), 60)
+            except (OSError, aiohttp.ClientError, TimeoutError) as exc:
+                if not tolerate:
+                    raise
+                failures.append(repr(exc))
+                with contextlib.suppress(Exception):
+                    await client.close()
+                client.ws = None
 
     await asyncio.gather(*(one(c) for c in clients))
+    return failures
 
 
 def session() -> aiohttp.ClientSession:

@@ -65,6 +65,22 @@ def rss_bytes(pid: int) -> int:
         return int(fh.read().split()[1]) * _PAGE
 
 
+def service_pids(pid: int) -> list[int]:
+    """``pid`` and its children (e.g. the PostgreSQL postmaster and its backends)."""
+    pids = [pid]
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            pids.append(int(entry))
+    return pids
+
+
 @dataclass
 class CpuMeter:
     """CPU share (1.0 = one full core) of some processes between start() and read()."""

@@ -11,7 +11,9 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import asdict, replace
@@ -22,7 +24,14 @@ from pigeon.bench.generator import Coordinator, ShardSpec
 from pigeon.bench.metrics import machine_info, raise_nofile
 from pigeon.bench.scenarios import SCENARIOS, Params, Run
 from pigeon.bench.scenarios.base import split
-from pigeon.bench.target import ServerProcess, seed_http, seed_store, temp_data_dir
+from pigeon.bench.target import (
+    ClusterTarget,
+    ServerProcess,
+    seed_http,
+    seed_postgres,
+    seed_store,
+    temp_data_dir,
+)
 
 #: Connections one generator process holds at most (the open-file limit is per process).
 CONNS_PER_PROC = 15_000
@@ -56,11 +65,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, help="direct max: in flight per sender (10)")
     p.add_argument("--procs", type=int, help="generator processes (default: auto)")
     p.add_argument("--url", action="append", help="target these gateways (repeatable)")
-    p.add_argument("--server-pid", type=int, help="with --url: measure this process")
+    p.add_argument(
+        "--server-pid", type=int, action="append", help="with --url: measure these processes"
+    )
+    p.add_argument(
+        "--cluster", type=_cluster_size, metavar="G,W",
+        help="start a LocalCluster per point: G gateways + W workers, durable PostgreSQL, Redis",
+    )  # fmt: skip
     p.add_argument("--results", default="bench-results/results.jsonl", help="JSONL to append")
     p.add_argument("--plots", help="write PNG plots into this directory")
     p.add_argument("--label", default="", help="free text stored in each record")
     p.add_argument("--keep-data", action="store_true", help="keep the temp data dirs")
+
+
+def _cluster_size(text: str) -> tuple[int, int]:
+    try:
+        gateways, workers = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected G,W, e.g. 2,2") from None
+    if gateways < 1 or workers < 0:
+        raise argparse.ArgumentTypeError("need at least one gateway")
+    return gateways, workers
+
+
+def pigeon_env() -> dict[str, str]:
+    """The PIGEON_* settings of this environment (every server process inherits them)."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("PIGEON_")}
+
+
+def git_state() -> dict[str, Any]:
+    """The commit measured, and the files that differed from it (the working tree runs)."""
+    root = Path(__file__).resolve().parents[3]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+            text=True, timeout=5, check=True,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "src"], cwd=root,
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.split("\n")  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": head, "dirty": [line[3:] for line in dirty if line.strip()]}
 
 
 def points(args: argparse.Namespace, name: str) -> list[Params]:
@@ -92,25 +139,43 @@ def _progress(message: str) -> None:
 
 
 async def run_point(
-    name: str, params: Params, urls: list[str] | None, server_pid: int | None = None,
-    keep_data: bool = False,
+    name: str, params: Params, urls: list[str] | None, server_pids: list[int] | None = None,
+    keep_data: bool = False, cluster: tuple[int, int] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
     """One point: (the record, extra samples for plots)."""
     scenario = SCENARIOS[name]
     needs = scenario.needs(params)
     data_dir = temp_data_dir()
     server: ServerProcess | None = None
+    target: ClusterTarget | None = None
+    services: dict[str, int] = {}
+    pids = list(server_pids or [])
     started = time.time()
     try:
-        if urls:
+        if cluster:
+            _progress(f"{name}: starting a cluster of {cluster[0]} gateways + {cluster[1]} workers")
+            target = ClusterTarget(data_dir / "cluster", *cluster)
+            await target.start()
+            urls = target.urls
+            _progress(f"{name}: seeding {needs.users} accounts into PostgreSQL")
+            population = await seed_postgres(target.cluster.store_url, needs, urls)
+            pids, services = target.pids, target.services
+            description = (
+                f"cluster: {cluster[0]} gateways + {cluster[1]} workers, "
+                "PostgreSQL (durable) + Redis"
+            )
+        elif urls:
             _progress(f"{name}: seeding {needs.users} accounts over HTTP")
             population = await seed_http(urls, needs)
+            description = "urls"
         else:
             _progress(f"{name}: seeding {needs.users} accounts into {data_dir}")
             server = ServerProcess(data_dir)
             population = await seed_store(data_dir, needs, [server.url])
             server.start()
-            server_pid = server.pid
+            pids = [server.pid]
+            urls = [server.url]
+            description = "embedded (one process, SQLite)"
         procs = 1 if scenario.single_shard else params.procs
         plan = {"directs": population.directs, "groups": population.groups}
         specs = [
@@ -119,20 +184,30 @@ async def run_point(
         ]
         coordinator = Coordinator(specs)
         try:
-            run = Run(params, population, coordinator, server_pid, _progress)
+            run = Run(params, population, coordinator, pids, _progress, services=services)
             result = await scenario.drive(run)
         finally:
             coordinator.close()
-        exit_code = server.stop() if server else None
+        if server:
+            exit_code = server.stop()
+        elif target:
+            exit_code = await target.stop()
+            target = None
+        else:
+            exit_code = None
         record: dict[str, Any] = {
             "scenario": name,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
             "elapsed_s": round(time.time() - started, 1),
-            "target": "urls" if urls else "embedded (one process, SQLite)",
-            "urls": urls or [server.url if server else ""],
+            "target": description,
+            "urls": urls,
             "params": asdict(params),
             **result,
+            "server_procs": len(pids),
+            "services_cpu": run.services_cpu,
             "server_exit": exit_code,
+            "pigeon_env": pigeon_env(),
+            "git": git_state(),
             "machine": machine_info(),
         }
         return record, run.extra
@@ -141,6 +216,8 @@ async def run_point(
             server.stop()
             if server.proc is not None and server.proc.returncode not in (0, None, -15):
                 _progress(f"server exited {server.proc.returncode}: {server.log_tail()}")
+        if target is not None:
+            await target.stop()
         if not keep_data:
             shutil.rmtree(data_dir, ignore_errors=True)
 
@@ -159,7 +236,9 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     records = []
     for name in names:
         for params in points(args, name):
-            record, extra = await run_point(name, params, args.url, args.server_pid, args.keep_data)
+            record, extra = await run_point(
+                name, params, args.url, args.server_pid, args.keep_data, args.cluster
+            )
             if args.label:
                 record["label"] = args.label
             _write(record, Path(args.results))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -129,35 +130,104 @@ async def seed_store(data_dir: Path, needs: Needs, urls: Sequence[str]) -> Popul
     store = SqliteStore(str(data_dir / "pigeon.sqlite3"))
     await store.open()
     try:
-        # All bench users share one (never used) password hash: logins are not measured.
-        pw = "$argon2id$v=19$m=1024,t=1,p=1$YmVuY2hiZW5jaA$bench"
-        tag = secrets.token_hex(3)
-
-        async def one(i: int) -> Account:
-            user = await store.create_user(f"b{tag}_{i}", f"bench {i}", pw)
-            token = new_token()
-            device = await store.create_device(user.id, "bench", token_hash(token))
-            return Account(user.id, device.id, token, urls[i % len(urls)])
-
-        population = Population()
-        for start in range(0, needs.users, 500):
-            batch = range(start, min(needs.users, start + 500))
-            population.accounts += await asyncio.gather(*(one(i) for i in batch))
-        acc = population.accounts
-        for start in range(0, needs.pairs, 500):
-            batch = range(start, min(needs.pairs, start + 500))
-            convs = await asyncio.gather(
-                *(store.direct_conversation(acc[2 * i].user_id, acc[2 * i + 1].user_id)
-                  for i in batch)
-            )  # fmt: skip
-            population.directs += [c.id for c in convs]
-        if needs.group_members:
-            members = [a.user_id for a in acc[1 : needs.group_members]]
-            group = await store.create_group(acc[0].user_id, "bench", members, 1 << 30)
-            population.groups.append(group.id)
-        return population
+        return await seed_into(store, needs, urls)
     finally:
         await store.close()
+
+
+async def seed_postgres(store_url: str, needs: Needs, urls: Sequence[str]) -> Population:
+    """The same, straight into a cluster's PostgreSQL database. The seeding connections run
+    with ``synchronous_commit=off`` (their own session setting, as a DSN parameter): the
+    accounts are set-up, not measured; the servers' connections keep the durable default."""
+    from pigeon.store.postgres import PostgresStore
+
+    sep = "&" if "?" in store_url else "?"
+    store = PostgresStore(f"{store_url}{sep}synchronous_commit=off", pool_size=20)
+    await store.open()
+    try:
+        return await seed_into(store, needs, urls)
+    finally:
+        await store.close()
+
+
+async def seed_into(store: Any, needs: Needs, urls: Sequence[str]) -> Population:
+    """Users (one shared password hash, never used: logins are not measured), one device
+    and token each, the pairs' direct conversations and the group, via the store's API."""
+    pw = "$argon2id$v=19$m=1024,t=1,p=1$YmVuY2hiZW5jaA$bench"
+    tag = secrets.token_hex(3)
+
+    async def one(i: int) -> Account:
+        user = await store.create_user(f"b{tag}_{i}", f"bench {i}", pw)
+        token = new_token()
+        device = await store.create_device(user.id, "bench", token_hash(token))
+        return Account(user.id, device.id, token, urls[i % len(urls)])
+
+    population = Population()
+    for start in range(0, needs.users, 500):
+        batch = range(start, min(needs.users, start + 500))
+        population.accounts += await asyncio.gather(*(one(i) for i in batch))
+    acc = population.accounts
+    for start in range(0, needs.pairs, 500):
+        batch = range(start, min(needs.pairs, start + 500))
+        convs = await asyncio.gather(
+            *(store.direct_conversation(acc[2 * i].user_id, acc[2 * i + 1].user_id)
+              for i in batch)
+        )  # fmt: skip
+        population.directs += [c.id for c in convs]
+    if needs.group_members:
+        members = [a.user_id for a in acc[1 : needs.group_members]]
+        group = await store.create_group(acc[0].user_id, "bench", members, 1 << 30)
+        population.groups.append(group.id)
+    return population
+
+
+class ClusterTarget:
+    """A `LocalCluster` started for one point: durable PostgreSQL (fsync on), Redis, G
+    gateways and W workers, each with the bench limits (and any PIGEON_* of the caller's
+    environment, which every process inherits)."""
+
+    def __init__(self, root: Path, gateways: int, workers: int) -> None:
+        from pigeon.devcluster.cluster import LocalCluster
+
+        self.cluster = LocalCluster(
+            root, gateways=gateways, workers=workers, durable=True, env=dict(BENCH_ENV)
+        )
+
+    async def start(self) -> None:
+        try:
+            await self.cluster.start()
+        except BaseException:
+            await self.cluster.stop()
+            raise
+
+    @property
+    def urls(self) -> list[str]:
+        return self.cluster.urls
+
+    @property
+    def pids(self) -> list[int]:
+        return [m.proc.pid for m in self.cluster.members if m.proc is not None]
+
+    @property
+    def services(self) -> dict[str, int]:
+        """Main pids of PostgreSQL (postmaster) and Redis, when known."""
+        out: dict[str, int] = {}
+        for name, service in (("postgresql", self.cluster.postgres), ("redis", self.cluster.redis)):
+            proc = getattr(service, "_proc", None)
+            if proc is not None and proc.poll() is None:
+                out[name] = proc.pid
+        return out
+
+    async def stop(self) -> int | None:
+        """Stop every member (TERM); the first non-zero exit code, or 0."""
+        members = self.cluster.members
+        dead = [m.proc.returncode for m in members if m.proc is not None and not m.running]
+        codes = dead + list(
+            await asyncio.gather(*(self.cluster.signal(m, signal.SIGTERM) for m in members))
+        )
+        await self.cluster.stop()
+        bad = [c for c in codes if c not in (0, None)]
+        return bad[0] if bad else 0
 
 
 async def seed_http(urls: Sequence[str], needs: Needs) -> Population:

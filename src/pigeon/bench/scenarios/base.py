@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pigeon.bench.generator import Coordinator, Link, ShardSpec
-from pigeon.bench.metrics import CpuMeter, rss_bytes
+from pigeon.bench.metrics import CpuMeter, rss_bytes, service_pids
 from pigeon.bench.target import Needs, Population
 
 
@@ -35,17 +36,45 @@ class Run:
     params: Params
     population: Population
     coordinator: Coordinator
-    server_pid: int | None
+    server_pids: list[int]  # every Pigeon process (gateways and workers): summed
     progress: Callable[[str], None]
     extra: dict[str, Any] = field(default_factory=dict)  # samples for plots, not recorded
+    #: Main pids of services (e.g. "postgresql", "redis"); their children count too.
+    services: dict[str, int] = field(default_factory=dict)
+    #: CPU of each service over the scenario's last server_cpu() window (read()).
+    services_cpu: dict[str, float | None] = field(default_factory=dict)
 
-    def server_cpu(self) -> CpuMeter:
-        meter = CpuMeter([self.server_pid] if self.server_pid else [])
+    def server_cpu(self) -> ServerMeter:
+        meter = ServerMeter(self)
         meter.start()
         return meter
 
     def server_rss(self) -> int:
-        return rss_bytes(self.server_pid) if self.server_pid else 0
+        """RSS summed over the Pigeon processes (gateways and workers)."""
+        total = 0
+        for pid in self.server_pids:
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                total += rss_bytes(pid)
+        return total
+
+
+class ServerMeter:
+    """CPU of the Pigeon processes (summed; 1.0 = one core), and on the side that of each
+    service (PostgreSQL with all its backends, Redis), stored in ``run.services_cpu``."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.server = CpuMeter(list(run.server_pids))
+        self.services = {name: CpuMeter(service_pids(pid)) for name, pid in run.services.items()}
+
+    def start(self) -> None:
+        self.server.start()
+        for meter in self.services.values():
+            meter.start()
+
+    def read(self) -> float | None:
+        self.run.services_cpu = {name: m.read() for name, m in self.services.items()}
+        return self.server.read()
 
 
 @dataclass(frozen=True)
