@@ -608,6 +608,7 @@ class SqliteStore:
         last_seqs: dict[int, int] = {}  # conv -> last seq, allocated here (we hold the lock)
         is_member: dict[tuple[int, int], bool] = {}
         sent: dict[tuple[int, str], SendResult] = {}  # idempotency within this batch
+        committed = _find_sent(conn, [(r.sender_device, r.client_id) for r, _ in work])
         messages: list[Message] = []
         outcomes: list[SendResult | StoreError] = []
         for req, max_body in work:
@@ -616,7 +617,7 @@ class SqliteStore:
                 continue
             key = (req.sender_device, req.client_id)
             # A retry returns the original result, even if membership changed since.
-            prior = sent.get(key) or _find_sent(conn, key)
+            prior = sent.get(key) or committed.get(key)
             if prior is not None:
                 outcomes.append(dataclasses.replace(prior, duplicate=True))
                 continue
@@ -1078,19 +1079,27 @@ def _store_messages(conn: sqlite3.Connection, messages: list[Message]) -> None:
     )
 
 
-def _find_sent(conn: sqlite3.Connection, key: tuple[int, str]) -> SendResult | None:
-    device, client_id = key
-    if device == 0:
-        return None
-    # "sender_device <> 0" lets SQLite use the partial unique index.
-    row = conn.execute(
-        "SELECT conv_id, seq, ts FROM messages"
-        " WHERE sender_device = ? AND client_id = ? AND sender_device <> 0",
-        (device, client_id),
-    ).fetchone()
-    if row is None:
-        return None
-    return SendResult(int(row[0]), int(row[1]), float(row[2]), client_id, duplicate=False)
+def _find_sent(
+    conn: sqlite3.Connection, keys: list[tuple[int, str]]
+) -> dict[tuple[int, str], SendResult]:
+    """Sends already committed under these idempotency keys, in one query per 400 keys."""
+    keys = [k for k in keys if k[0] != 0]  # system messages have no key
+    found: dict[tuple[int, str], SendResult] = {}
+    for start in range(0, len(keys), 400):
+        chunk = keys[start : start + 400]
+        values = ", ".join("(?, ?)" for _ in chunk)
+        # A join on VALUES is an index search per key (a row-value IN would scan the
+        # index); "sender_device <> 0" lets SQLite use the partial unique index.
+        rows = conn.execute(
+            "SELECT m.sender_device, m.client_id, m.conv_id, m.seq, m.ts"
+            f" FROM (VALUES {values}) AS k JOIN messages m ON m.sender_device = k.column1"
+            " AND m.client_id = k.column2 AND m.sender_device <> 0",
+            [part for key in chunk for part in key],
+        )
+        for device, client_id, conv_id, seq, ts in rows:
+            key = (int(device), str(client_id))
+            found[key] = SendResult(int(conv_id), int(seq), float(ts), key[1], duplicate=False)
+    return found
 
 
 def _insert_conversation(
