@@ -71,11 +71,12 @@ async def shard(spec: ShardSpec, link: Link) -> dict[str, Any]:
     clients = [Client(spec.first + i, a, _ignore) for i, a in enumerate(spec.accounts)]
     async with session() as http:
         await link.sync("ready")
+        # Pings run from the start: a big connect phase outlasts the server's 2x heartbeat.
+        background = Background(clients, ping_s=float(spec.params.get("ping_s", 15.0)))
+        background.start()
         t0 = time.monotonic()
         failures = await connect_all(http, clients, tolerate=True)
         t1 = time.monotonic()
-        background = Background(clients, ping_s=float(spec.params.get("ping_s", 15.0)))
-        background.start()
         await link.sync("connected", {"t0": t0, "t1": t1, "failed": len(failures)})
         background.stop()
         dropped = sum(1 for c in clients if c.ws is None or c.ws.closed)
