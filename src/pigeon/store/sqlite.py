@@ -862,6 +862,12 @@ class _InboxAppender:
         self._rows: list[Row] = []
         self._entries: list[InboxEntry] = []
 
+    def seed(self, heads: dict[int, int]) -> None:
+        """Known inbox heads, read along with other rows; positions already allocated in
+        this transaction win (they are newer than the table until `flush`)."""
+        for user_id, head in heads.items():
+            self._heads.setdefault(user_id, head)
+
     def append(
         self,
         user_id: int,
@@ -914,16 +920,20 @@ def _fanout_conversation(
         " WHERE j.conv_id = ? ORDER BY j.seq LIMIT ?",
         (conv_id, budget),
     ).fetchall()
+    # The members' inbox heads come with them: one query, not one per member.
     members = conn.execute(
-        "SELECT user_id, joined_seq FROM members WHERE conv_id = ? ORDER BY user_id", (conv_id,)
+        "SELECT m.user_id, m.joined_seq, u.inbox_head FROM members m"
+        " JOIN users u ON u.id = m.user_id WHERE m.conv_id = ? ORDER BY m.user_id",
+        (conv_id,),
     ).fetchall()
+    inbox.seed({int(user): int(head) for user, _, head in members})
     departed = _pending_departures(conn, conv_id)
     entries: list[InboxEntry] = []
     last = 0
     for row in rows:
         message = records.message(row)
         last = message.seq
-        targets = [int(u) for u, joined_seq in members if joined_seq < message.seq]
+        targets = [int(u) for u, joined_seq, _ in members if joined_seq < message.seq]
         for user, after, until in departed:
             if after < message.seq <= until and user not in targets:
                 targets.append(user)
