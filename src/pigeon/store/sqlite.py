@@ -60,8 +60,11 @@ Row = tuple[Any, ...]
 
 #: Most sends committed in one transaction; bigger batches gain little and delay the first.
 MAX_SEND_BATCH = 512
-#: Most other writes (acks, reads, fan-out batches...) committed in one transaction.
-MAX_WRITE_BATCH = 256
+#: Most urgent writes (fan-out batches) and other writes (acks, read marks, accounts...) in
+#: one round. The second is small so that a burst of acks (a big group acking a message)
+#: never holds the next message's fan-out back for long.
+MAX_URGENT_BATCH = 64
+MAX_WRITE_BATCH = 64
 BUSY_TIMEOUT_MS = 5000
 MIGRATIONS_PACKAGE = "pigeon.store.migrations.sqlite"
 
@@ -98,6 +101,8 @@ class SqliteStore:
         self._send_queue: deque[_PendingSend] = deque()
         self._write_queue: deque[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]
         self._write_queue = deque()
+        self._urgent_queue: deque[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]
+        self._urgent_queue = deque()
         self._writer_task: asyncio.Task[None] | None = None
         # Round-robin position of fanout over conversations (touched by the writer thread only).
         self._fanout_after = 0
@@ -166,7 +171,7 @@ class SqliteStore:
 
     # -- running work on the threads -----------------------------------------------------
 
-    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _write(self, fn: Callable[[sqlite3.Connection], T], *, urgent: bool = False) -> T:
         """Run ``fn`` atomically on the writer thread, group-committed with other writes.
 
         Concurrent calls (acks from many sockets, fan-out batches, read marks...) share one
@@ -174,7 +179,7 @@ class SqliteStore:
         SAVEPOINT, so a failing one is rolled back alone and the others commit.
         """
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._write_queue.append((fn, future))
+        (self._urgent_queue if urgent else self._write_queue).append((fn, future))
         self._kick_writer()
         result: T = await future
         return result
@@ -187,11 +192,13 @@ class SqliteStore:
         """Commit everything queued, sends first, in one transaction per round, until the
         queues are empty. While a round commits, new work piles up and becomes the next
         round: the busier the store, the bigger the batches."""
-        while self._send_queue or self._write_queue:
+        while self._send_queue or self._urgent_queue or self._write_queue:
             count = min(len(self._send_queue), MAX_SEND_BATCH)
             sends = [self._send_queue.popleft() for _ in range(count)]
+            count = min(len(self._urgent_queue), MAX_URGENT_BATCH)
+            writes = [self._urgent_queue.popleft() for _ in range(count)]
             count = min(len(self._write_queue), MAX_WRITE_BATCH)
-            writes = [self._write_queue.popleft() for _ in range(count)]
+            writes += [self._write_queue.popleft() for _ in range(count)]
             work = [(p.request, p.max_body) for p in sends]
             call = functools.partial(self._commit_round, work, [fn for fn, _ in writes])
             send_outcomes: Sequence[object]
@@ -203,9 +210,10 @@ class SqliteStore:
             except asyncio.CancelledError:
                 for pending in [*sends, *self._send_queue]:
                     pending.future.cancel()
-                for _, future in [*writes, *self._write_queue]:
+                for _, future in [*writes, *self._urgent_queue, *self._write_queue]:
                     future.cancel()
                 self._send_queue.clear()
+                self._urgent_queue.clear()
                 self._write_queue.clear()
                 raise
             futures = [p.future for p in sends] + [future for _, future in writes]
@@ -665,7 +673,11 @@ class SqliteStore:
     # -- fan-out -------------------------------------------------------------------------
 
     async def fanout(self, worker_id: str, max_messages: int, lease_s: float) -> FanoutBatch:
-        return await self._write(lambda conn: self._fanout(conn, worker_id, max_messages, lease_s))
+        # Urgent: it rides in the next round ahead of queued acks (a message is late until
+        # it is fanned out; an ack is only a receipt).
+        return await self._write(
+            lambda conn: self._fanout(conn, worker_id, max_messages, lease_s), urgent=True
+        )
 
     def _fanout(
         self, conn: sqlite3.Connection, worker_id: str, max_messages: int, lease_s: float
