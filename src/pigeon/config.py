@@ -43,6 +43,7 @@ class Config:
     typing_ttl_ms: int = 5000
     inbox_retention_days: float = 30.0
     replay_page: int = 500
+    ack_flush_s: float = 0.1  # a socket's acks are written at most this often (receipt delay)
     fanout_batch: int = 256  # messages per fan-out transaction
     fanout_lease_s: float = 10.0  # a dead worker's conversations are taken over after this
     shutdown_grace_s: float = 10.0

@@ -219,7 +219,9 @@ class Hub:
             self.committed()
 
     def _queue_ack(self, conn: Connection, up_to: int) -> None:
-        """Acks are cumulative: keep only the highest, one store write in flight per socket."""
+        """Acks are cumulative: keep only the highest, and write at most one per socket per
+        `ack_flush_s`. Each write costs a transaction and moves receipts; a client acking
+        every message would otherwise cost one of each per message it receives."""
         running = conn in self._ack_pending
         self._ack_pending[conn] = up_to
         if not running:
@@ -228,7 +230,11 @@ class Hub:
     async def _flush_acks(self, conn: Connection) -> None:
         written = 0
         try:
-            while (up_to := self._ack_pending.get(conn, written)) > written:
+            while True:
+                await asyncio.sleep(self.config.ack_flush_s)  # gather acks, not a sync point
+                up_to = self._ack_pending.get(conn, written)
+                if up_to <= written:
+                    break
                 receipts = await self.store.ack(conn.device_id, up_to)
                 written = up_to
                 await self.router.deliver_entries(receipts)
