@@ -492,6 +492,31 @@ async def test_fanout_of_a_worker_that_died_before_pushing_is_nudged(
 # -- inbox, acks and receipts -----------------------------------------------------------------
 
 
+async def test_big_group_acks_in_one_batch_move_the_aggregate_once(store: Store) -> None:
+    from pigeon.store.receipts import AGGREGATE_USER, DEFAULT_DETAIL_MAX_GROUP
+
+    names = [f"a{i}" for i in range(DEFAULT_DETAIL_MAX_GROUP + 2)]
+    owner, *others = await make_users(store, *names)
+    phone = await make_device(store, owner)
+    devices = {u: await make_device(store, u) for u in others}
+    group = await store.create_group(owner, "big", others, max_members=1000)
+    result = await send(store, group.id, owner, phone.id)
+    await drain(store)
+    heads = {u: (await store.inbox_bounds(u)).head for u in others}
+    # all but one member ack at once (concurrently: one commit round where batched)
+    told = await asyncio.gather(*(store.ack(devices[u].id, heads[u]) for u in others[:-1]))
+    assert [e for batch in told for e in batch] == []
+    (entry,) = await store.ack(devices[others[-1]].id, heads[others[-1]])
+    assert entry.user_id == owner and entry.receipt is not None
+    assert entry.receipt.user_id == AGGREGATE_USER
+    assert entry.receipt.all_delivered_seq >= result.seq
+    members = {m.user_id: m for m in await store.receipts(group.id, owner)}
+    assert all(members[u].delivered_seq >= result.seq for u in others)
+    for user, device in devices.items():
+        (saved,) = [d for d in await store.list_devices(user) if d.id == device.id]
+        assert saved.cursor == heads[user]
+
+
 async def test_big_group_senders_get_aggregate_receipts_only(store: Store) -> None:
     from pigeon.store.receipts import AGGREGATE_USER, DEFAULT_DETAIL_MAX_GROUP
 

@@ -65,6 +65,8 @@ MAX_SEND_BATCH = 512
 #: never holds the next message's fan-out back for long.
 MAX_URGENT_BATCH = 64
 MAX_WRITE_BATCH = 64
+#: Most acks applied together (one write of the round, in bulk).
+MAX_ACK_BATCH = 2048
 BUSY_TIMEOUT_MS = 5000
 MIGRATIONS_PACKAGE = "pigeon.store.migrations.sqlite"
 
@@ -103,6 +105,7 @@ class SqliteStore:
         self._write_queue = deque()
         self._urgent_queue: deque[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]
         self._urgent_queue = deque()
+        self._ack_queue: deque[tuple[int, int, asyncio.Future[list[InboxEntry]]]] = deque()
         self._writer_task: asyncio.Task[None] | None = None
         # Round-robin position of fanout over conversations (touched by the writer thread only).
         self._fanout_after = 0
@@ -192,13 +195,15 @@ class SqliteStore:
         """Commit everything queued, sends first, in one transaction per round, until the
         queues are empty. While a round commits, new work piles up and becomes the next
         round: the busier the store, the bigger the batches."""
-        while self._send_queue or self._urgent_queue or self._write_queue:
+        while self._send_queue or self._urgent_queue or self._write_queue or self._ack_queue:
             count = min(len(self._send_queue), MAX_SEND_BATCH)
             sends = [self._send_queue.popleft() for _ in range(count)]
             count = min(len(self._urgent_queue), MAX_URGENT_BATCH)
             writes = [self._urgent_queue.popleft() for _ in range(count)]
             count = min(len(self._write_queue), MAX_WRITE_BATCH)
             writes += [self._write_queue.popleft() for _ in range(count)]
+            if self._ack_queue:
+                writes.append(self._ack_batch())
             work = [(p.request, p.max_body) for p in sends]
             call = functools.partial(self._commit_round, work, [fn for fn, _ in writes])
             send_outcomes: Sequence[object]
@@ -212,6 +217,9 @@ class SqliteStore:
                     pending.future.cancel()
                 for _, future in [*writes, *self._urgent_queue, *self._write_queue]:
                     future.cancel()
+                for _, _, ack_future in self._ack_queue:
+                    ack_future.cancel()
+                self._ack_queue.clear()
                 self._send_queue.clear()
                 self._urgent_queue.clear()
                 self._write_queue.clear()
@@ -227,6 +235,30 @@ class SqliteStore:
                     future.set_exception(outcome)
                 else:
                     future.set_result(outcome)
+
+    def _ack_batch(self) -> tuple[Callable[[sqlite3.Connection], object], asyncio.Future[Any]]:
+        """All queued acks as one write of the round; its outcome is shared out on the loop."""
+        count = min(len(self._ack_queue), MAX_ACK_BATCH)
+        acks = [self._ack_queue.popleft() for _ in range(count)]
+        batch: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def share_out(done: asyncio.Future[Any]) -> None:
+            failure = None if done.cancelled() else done.exception()
+            results = None if failure is not None or done.cancelled() else done.result()
+            for index, (_, _, future) in enumerate(acks):
+                if future.done():
+                    continue
+                outcome = failure if results is None else results[index]
+                if outcome is None:
+                    future.cancel()
+                elif isinstance(outcome, BaseException):
+                    future.set_exception(type(outcome)(*outcome.args))
+                else:
+                    future.set_result(outcome)
+
+        batch.add_done_callback(share_out)
+        fn = functools.partial(self._apply_acks, acks=[(d, u) for d, u, _ in acks])
+        return fn, batch
 
     def _commit_round(
         self,
@@ -758,32 +790,64 @@ class SqliteStore:
         return await self._read(txn)
 
     async def ack(self, device_id: int, up_to: int) -> list[InboxEntry]:
-        def txn(conn: sqlite3.Connection) -> list[InboxEntry]:
-            row = conn.execute(
-                "SELECT d.user_id, d.cursor, u.inbox_head FROM devices d"
-                " JOIN users u ON u.id = d.user_id WHERE d.id = ? AND d.revoked_at IS NULL",
-                (device_id,),
-            ).fetchone()
-            if row is None:
-                raise NotFound(f"no device {device_id}")
-            user_id, cursor = int(row[0]), int(row[1])
-            new_cursor = min(up_to, int(row[2]))
-            if new_cursor <= cursor:
-                return []
-            conn.execute("UPDATE devices SET cursor = ? WHERE id = ?", (new_cursor, device_id))
-            # The highest message acked per conversation: delivered is cumulative.
-            acked = conn.execute(
-                "SELECT conv_id, MAX(msg_seq) FROM inbox WHERE user_id = ? AND inbox_seq > ?"
-                " AND inbox_seq <= ? AND msg_seq IS NOT NULL GROUP BY conv_id ORDER BY conv_id",
-                (user_id, cursor, new_cursor),
-            ).fetchall()
-            inbox = _InboxAppender(conn)
-            now = self._clock()
-            for conv_id, seq in acked:
-                _advance(conn, inbox, int(conv_id), user_id, int(seq), 0, now, self._detailed)
-            return inbox.flush()
+        """Queued and applied with every other ack of the round at once (`_apply_acks`):
+        a big group acks each message from every member's device."""
+        future: asyncio.Future[list[InboxEntry]] = asyncio.get_running_loop().create_future()
+        self._ack_queue.append((device_id, up_to, future))
+        self._kick_writer()
+        return await future
 
-        return await self._write(txn)
+    def _apply_acks(
+        self, conn: sqlite3.Connection, acks: list[tuple[int, int]]
+    ) -> list[list[InboxEntry] | StoreError]:
+        """Move the devices' cursors and their users' delivered positions, in bulk.
+
+        The receipt entries of the whole batch are returned to the first caller that moved
+        anything (it pushes them); the others get an empty list.
+        """
+        now = self._clock()
+        devices = _devices_with_heads(conn, sorted({device for device, _ in acks}))
+        outcomes: list[list[InboxEntry] | StoreError] = []
+        cursor_updates: dict[int, int] = {}
+        delivered: dict[int, dict[int, int]] = {}  # conv -> user -> highest seq acked
+        first_mover: int | None = None
+        for device_id, up_to in acks:
+            known = devices.get(device_id)
+            if known is None:
+                outcomes.append(NotFound(f"no device {device_id}"))
+                continue
+            outcomes.append([])
+            user_id, cursor, head = known
+            new_cursor = min(up_to, head)
+            if new_cursor <= cursor:
+                continue
+            first_mover = len(outcomes) - 1 if first_mover is None else first_mover
+            devices[device_id] = (user_id, new_cursor, head)  # a later ack starts from here
+            cursor_updates[device_id] = new_cursor
+            # The highest message acked per conversation: delivered is cumulative.
+            for conv_id, seq in conn.execute(
+                "SELECT conv_id, MAX(msg_seq) FROM inbox WHERE user_id = ? AND inbox_seq > ?"
+                " AND inbox_seq <= ? AND msg_seq IS NOT NULL GROUP BY conv_id",
+                (user_id, cursor, new_cursor),
+            ):
+                users = delivered.setdefault(int(conv_id), {})
+                users[user_id] = max(users.get(user_id, 0), int(seq))
+        conn.executemany(
+            "UPDATE devices SET cursor = ? WHERE id = ?",
+            [(cursor, device) for device, cursor in cursor_updates.items()],
+        )
+        inbox = _InboxAppender(conn)
+        for conv_id in sorted(delivered):
+            users = delivered[conv_id]
+            if self._detailed(conn, conv_id):
+                for user_id, seq in sorted(users.items()):
+                    _advance(conn, inbox, conv_id, user_id, seq, 0, now, self._detailed)
+            else:
+                _advance_group(conn, inbox, conv_id, users, now)
+        entries = inbox.flush()
+        if entries and first_mover is not None:
+            outcomes[first_mover] = entries
+        return outcomes
 
     def _detailed(self, conn: sqlite3.Connection, conv_id: int) -> bool:
         """Whether members' receipts are told one by one (small conversations). Cached for
@@ -1024,6 +1088,64 @@ def _advance(
         senders = _senders(conn, conv_id, user_id, receipts.moved_ranges(before, after))
         state = ReceiptState(conv_id, receipts.AGGREGATE_USER, *after, *after, now)
     for sender in senders:
+        inbox.append(sender, conv_id, now, receipt=state)
+
+
+def _devices_with_heads(
+    conn: sqlite3.Connection, device_ids: list[int]
+) -> dict[int, tuple[int, int, int]]:
+    """device -> (user, cursor, user's inbox head), for devices not revoked."""
+    found: dict[int, tuple[int, int, int]] = {}
+    for start in range(0, len(device_ids), 500):
+        chunk = device_ids[start : start + 500]
+        values = ", ".join("(?)" for _ in chunk)
+        rows = conn.execute(
+            "SELECT d.id, d.user_id, d.cursor, u.inbox_head"
+            f" FROM (VALUES {values}) AS k JOIN devices d ON d.id = k.column1"
+            " JOIN users u ON u.id = d.user_id WHERE d.revoked_at IS NULL",
+            chunk,
+        )
+        for device_id, user_id, cursor, head in rows:
+            found[int(device_id)] = (int(user_id), int(cursor), int(head))
+    return found
+
+
+def _advance_group(
+    conn: sqlite3.Connection,
+    inbox: _InboxAppender,
+    conv_id: int,
+    delivered_to: dict[int, int],
+    now: float,
+) -> None:
+    """`_advance` for many members of a big group at once: their delivered positions move
+    in one statement, and the senders hear of it only if the aggregate moved."""
+    before = _aggregate(conn, conv_id)
+    users = sorted(delivered_to)
+    updates: list[tuple[int, int, int, int]] = []
+    for start in range(0, len(users), 500):
+        chunk = users[start : start + 500]
+        rows = conn.execute(
+            "SELECT user_id, delivered_seq, read_seq FROM members"
+            f" WHERE conv_id = ? AND user_id IN ({', '.join('?' for _ in chunk)})",
+            (conv_id, *chunk),
+        )
+        for user_id, delivered, read in rows:
+            new = receipts.advance((int(delivered), int(read)), delivered_to[int(user_id)], 0)
+            if new is not None:
+                updates.append((*new, conv_id, int(user_id)))
+    if not updates:
+        return
+    conn.executemany(
+        "UPDATE members SET delivered_seq = ?, read_seq = ? WHERE conv_id = ? AND user_id = ?",
+        updates,
+    )
+    after = _aggregate(conn, conv_id)
+    if after == before:
+        return
+    state = ReceiptState(conv_id, receipts.AGGREGATE_USER, *after, *after, now)
+    for sender in _senders(
+        conn, conv_id, receipts.AGGREGATE_USER, receipts.moved_ranges(before, after)
+    ):
         inbox.append(sender, conv_id, now, receipt=state)
 
 
