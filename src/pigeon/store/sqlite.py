@@ -66,7 +66,7 @@ MAX_SEND_BATCH = 512
 MAX_URGENT_BATCH = 64
 MAX_WRITE_BATCH = 64
 #: Most acks applied together (one write of the round, in bulk).
-MAX_ACK_BATCH = 2048
+MAX_ACK_BATCH = 256
 BUSY_TIMEOUT_MS = 5000
 MIGRATIONS_PACKAGE = "pigeon.store.migrations.sqlite"
 
