@@ -3,7 +3,7 @@ envelope per gateway (never one bus message per recipient)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from pigeon.bus.base import Bus
 from pigeon.bus.envelope import Envelope, RoutedFrame, Target
@@ -44,13 +44,15 @@ class Router:
     def __init__(self, bus: Bus) -> None:
         self._bus = bus
 
-    async def deliver(self, frames_by_user: Mapping[int, list[RoutedFrame]]) -> None:
-        if not frames_by_user:
-            return
-        located = await self._bus.locate(frames_by_user)
+    async def _route(self, user_ids: Iterable[int], target: Callable[[int], Target]) -> None:
+        """One envelope per gateway holding any of the users, with a target per user."""
+        located = await self._bus.locate(user_ids)
         for gateway_id, users in located.items():
-            targets = [Target(user, frames_by_user[user]) for user in users]
-            await self._bus.publish(gateway_id, Envelope(targets))
+            await self._bus.publish(gateway_id, Envelope([target(user) for user in users]))
+
+    async def deliver(self, frames_by_user: Mapping[int, list[RoutedFrame]]) -> None:
+        if frames_by_user:
+            await self._route(frames_by_user, lambda user: Target(user, frames_by_user[user]))
 
     async def deliver_entries(self, entries: Iterable[InboxEntry]) -> None:
         by_user: dict[int, list[RoutedFrame]] = {}
@@ -62,22 +64,12 @@ class Router:
         self, user_ids: Iterable[int], frame: RoutedFrame, skip_device: int = 0
     ) -> None:
         """The same ephemeral frame (typing, presence) to several users."""
-        located = await self._bus.locate(user_ids)
-        for gateway_id, users in located.items():
-            targets = [Target(user, [frame], skip_device) for user in users]
-            await self._bus.publish(gateway_id, Envelope(targets))
+        await self._route(user_ids, lambda user: Target(user, [frame], skip_device))
 
     async def nudge(self, user_ids: Iterable[int]) -> None:
         """Make the users' gateways read their inboxes (pushes were lost)."""
-        located = await self._bus.locate(user_ids)
-        for gateway_id, users in located.items():
-            await self._bus.publish(
-                gateway_id, Envelope([Target(u, [], nudge=True) for u in users])
-            )
+        await self._route(user_ids, lambda user: Target(user, [], nudge=True))
 
     async def revoke(self, user_id: int, device_id: int) -> None:
         """Close a revoked device's sockets on whichever gateway holds them."""
-        for gateway_id in await self._bus.locate([user_id]):
-            await self._bus.publish(
-                gateway_id, Envelope([Target(user_id, [], revoke_device=device_id)])
-            )
+        await self._route([user_id], lambda user: Target(user, [], revoke_device=device_id))
