@@ -38,7 +38,14 @@ def open_store(config: Config) -> Store:
         path = url.removeprefix("sqlite://") if url else str(config.sqlite_path)
         if not url:
             config.data_dir.mkdir(parents=True, exist_ok=True)
-        return SqliteStore(path, receipt_detail_max_group=detail, fsync=config.sqlite_fsync)
+        return SqliteStore(
+            path,
+            receipt_detail_max_group=detail,
+            fsync=config.sqlite_fsync,
+            # Entries fanned out with the send are pushed by this process's own workers; a
+            # gateway without any leaves every message to the worker processes.
+            fanout_with_send=config.workers > 0,
+        )
     if url.startswith(("postgresql://", "postgres://")):
         from pigeon.store.postgres import PostgresStore  # asyncpg: the "scale" extra
 
@@ -91,15 +98,11 @@ class Server:
             self.bus,
             router,
             self._wake_workers,
-            on_sending=self._wake_local_workers,
         )
 
-    def _wake_local_workers(self) -> None:
+    def _wake_workers(self) -> None:
         for worker in self.workers:
             worker.wake()
-
-    def _wake_workers(self) -> None:
-        self._wake_local_workers()
         if not self.workers:  # the workers are `pigeon worker` processes: wake them
             self._notifier()
 

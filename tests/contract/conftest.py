@@ -41,8 +41,14 @@ def _sqlite(tmp_path: pathlib.Path, clock: FakeClock) -> Store:
     return SqliteStore(tmp_path / "pigeon.db", clock=clock)
 
 
+def _sqlite_queued(tmp_path: pathlib.Path, clock: FakeClock) -> Store:
+    """Every message through the leased fan-out rounds, as on the server stores."""
+    return SqliteStore(tmp_path / "pigeon.db", clock=clock, fanout_with_send=False)
+
+
 BACKENDS: dict[str, StoreFactory] = {
     "sqlite": _sqlite,
+    "sqlite-queued": _sqlite_queued,
 }
 
 

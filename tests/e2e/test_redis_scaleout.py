@@ -27,7 +27,8 @@ async def test_gateway_without_workers_is_served_by_a_worker_process(
     prefix = f"e2e-{uuid.uuid4().hex[:12]}"
     config = replace(make_config(tmp_path), workers=0, bus_url=redis_url)
     db = tmp_path / "pigeon.sqlite3"
-    gateway = Server(config, SqliteStore(db), RedisBus(redis_url, prefix), fast_passwords())
+    store = SqliteStore(db, fanout_with_send=False)  # as `open_store` makes it with workers=0
+    gateway = Server(config, store, RedisBus(redis_url, prefix), fast_passwords())
     worker = WorkerProcess(config, SqliteStore(db), RedisBus(redis_url, prefix), 2, poll_s=30.0)
     await gateway.start()
     await worker.start()

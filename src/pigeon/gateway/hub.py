@@ -59,7 +59,6 @@ class Hub:
         router: Router,
         on_committed: Callable[[], None],
         clock: Callable[[], float] = time.monotonic,
-        on_sending: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self.gateway_id = gateway_id
@@ -67,7 +66,6 @@ class Hub:
         self.bus = bus
         self.router = router
         self._on_committed = on_committed
-        self._on_sending = on_sending or (lambda: None)
         self._clock = clock
         self.connections: set[Connection] = set()
         self._by_user: dict[int, list[Connection]] = {}
@@ -204,9 +202,6 @@ class Hub:
             kind=frame.kind,
             body=frame.body,
         )
-        # An in-process worker woken now asks for its fan-out before the store's next
-        # commit round starts, so that round can carry the message and its fan-out at once.
-        self._on_sending()
         try:
             result = await self.store.send_message(request, self.config.limits.max_body_chars)
         except se.LimitExceeded as exc:

@@ -10,6 +10,13 @@ each transaction takes SQLite's write lock before reading what it will change.
 Group commit: ``send_message`` calls are queued, and one task hands everything queued (up to
 ``MAX_SEND_BATCH``) to the writer as a single transaction, so a burst of sends costs one fsync
 instead of one each (research/limits.md, 3a: 1 row per commit caps at a few thousand rows/s).
+
+Fan-out with the send: the messages of a round are written to their members' inboxes in the
+same transaction (the writer is the only one changing membership, so the members it reads are
+exactly those at send time), and `fanout` hands the committed entries to a worker to push
+without another round. Only what cannot take that path goes through ``fanout_jobs`` and the
+leased `fanout` rounds: system messages of membership changes, and the messages of a
+conversation that still has older jobs (so that its order holds).
 """
 
 from __future__ import annotations
@@ -78,7 +85,11 @@ _MSG_COLS = "conv_id, seq, sender_id, sender_device, client_id, kind, body, ts"
 
 
 class SqliteStore:
-    """`pigeon.store.base.Store` on one SQLite file."""
+    """`pigeon.store.base.Store` on one SQLite file.
+
+    ``fanout_with_send=False`` queues every message for the leased fan-out rounds, as the
+    server stores do; tests use it to exercise that path on SQLite.
+    """
 
     def __init__(
         self,
@@ -87,8 +98,10 @@ class SqliteStore:
         clock: Clock = time.time,
         receipt_detail_max_group: int = receipts.DEFAULT_DETAIL_MAX_GROUP,
         fsync: bool = True,
+        fanout_with_send: bool = True,
     ) -> None:
         self._path = str(path)
+        self._fanout_with_send = fanout_with_send
         self._fsync = fsync
         self._clock = clock
         self._detail_max = receipt_detail_max_group
@@ -107,6 +120,9 @@ class SqliteStore:
         self._urgent_queue = deque()
         self._ack_queue: deque[tuple[int, int, asyncio.Future[list[InboxEntry]]]] = deque()
         self._writer_task: asyncio.Task[None] | None = None
+        # Entries fanned out with their sends, committed, waiting for a worker to push them:
+        # one list per message. Touched on the event loop only.
+        self._fanned_out: deque[list[InboxEntry]] = deque()
         # Round-robin position of fanout over conversations (touched by the writer thread only).
         self._fanout_after = 0
 
@@ -209,9 +225,10 @@ class SqliteStore:
             send_outcomes: Sequence[object]
             write_outcomes: Sequence[object]
             try:
-                send_outcomes, write_outcomes = await self._run(self._writer, call)
+                send_outcomes, write_outcomes, fanned_out = await self._run(self._writer, call)
             except Exception as exc:  # the commit itself failed: nothing was written
                 send_outcomes, write_outcomes = [exc] * len(sends), [exc] * len(writes)
+                fanned_out = []
             except asyncio.CancelledError:
                 for pending in [*sends, *self._send_queue]:
                     pending.future.cancel()
@@ -224,6 +241,8 @@ class SqliteStore:
                 self._urgent_queue.clear()
                 self._write_queue.clear()
                 raise
+            # Ready before any sender hears `sent` and wakes the workers.
+            self._fanned_out.extend(fanned_out)
             futures = [p.future for p in sends] + [future for _, future in writes]
             for future, outcome in zip(futures, [*send_outcomes, *write_outcomes], strict=True):
                 if future.done():  # the caller was cancelled
@@ -264,36 +283,42 @@ class SqliteStore:
         self,
         sends: list[tuple[SendRequest, int]],
         fns: list[Callable[[sqlite3.Connection], object]],
-    ) -> tuple[list[SendResult | StoreError], list[object]]:
-        def run(conn: sqlite3.Connection) -> tuple[list[SendResult | StoreError], list[object]]:
-            send_outcomes = self._sends_in_savepoint(conn, sends) if sends else []
+    ) -> tuple[list[SendResult | StoreError], list[object], list[list[InboxEntry]]]:
+        def run(
+            conn: sqlite3.Connection,
+        ) -> tuple[list[SendResult | StoreError], list[object], list[list[InboxEntry]]]:
+            # Sends first: the fan-out they do reads the membership before this round's
+            # other writes (group changes among them) apply.
+            sent = self._sends_in_savepoint(conn, sends) if sends else _SentBatch([], [])
             write_outcomes: list[object] = []
             for fn in fns:
                 write_outcomes.append(_in_savepoint(conn, fn))
-            return send_outcomes, write_outcomes
+            return sent.outcomes, write_outcomes, sent.fanned_out
 
         return self._in_write_txn(run)
 
     def _sends_in_savepoint(
         self, conn: sqlite3.Connection, work: list[tuple[SendRequest, int]]
-    ) -> list[SendResult | StoreError]:
+    ) -> _SentBatch:
         outcome = _in_savepoint(conn, lambda c: self._send_batch(c, work))
         if not isinstance(outcome, Exception):
             return outcome
         if len(work) == 1:
-            return [outcome if isinstance(outcome, StoreError) else Unavailable(str(outcome))]
+            error = outcome if isinstance(outcome, StoreError) else Unavailable(str(outcome))
+            return _SentBatch([error], [])
         # Checks before writing make this unexpected; still, one bad request must not fail
         # the others, so retry each on its own.
-        outcomes: list[SendResult | StoreError] = []
+        batch = _SentBatch([], [])
         for item in work:
             one = _in_savepoint(conn, functools.partial(self._send_batch, work=[item]))
             if isinstance(one, StoreError):
-                outcomes.append(one)
+                batch.outcomes.append(one)
             elif isinstance(one, Exception):
-                outcomes.append(Unavailable(str(one)))
+                batch.outcomes.append(Unavailable(str(one)))
             else:
-                outcomes += one
-        return outcomes
+                batch.outcomes += one.outcomes
+                batch.fanned_out += one.fanned_out
+        return batch
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` in one read transaction (a consistent snapshot) on the reader thread."""
@@ -641,9 +666,9 @@ class SqliteStore:
 
     def _send_batch(
         self, conn: sqlite3.Connection, work: list[tuple[SendRequest, int]]
-    ) -> list[SendResult | StoreError]:
-        """Validate and write a batch of sends; a failing request yields its error, writes
-        nothing, and does not affect the others."""
+    ) -> _SentBatch:
+        """Validate and write a batch of sends, and fan them out; a failing request yields
+        its error, writes nothing, and does not affect the others."""
         now = self._clock()
         last_seqs: dict[int, int] = {}  # conv -> last seq, allocated here (we hold the lock)
         is_member: dict[tuple[int, int], bool] = {}
@@ -681,7 +706,11 @@ class SqliteStore:
             [(seq, now, conv) for conv, seq in last_seqs.items()],
         )
         _store_messages(conn, messages)
-        return outcomes
+        convs = list(last_seqs)
+        queued = _convs_with_jobs(conn, convs) if self._fanout_with_send else set(convs)
+        _queue_fanout(conn, [m for m in messages if m.conv_id in queued])
+        ready = [m for m in messages if m.conv_id not in queued]
+        return _SentBatch(outcomes, _fan_out_now(conn, ready, now))
 
     def _append_system(
         self,
@@ -700,11 +729,16 @@ class SqliteStore:
         body = json.dumps(event, separators=(",", ":"))
         message = Message(conv_id, int(row[0]), actor_id, 0, "", "system", body, now)
         _store_messages(conn, [message])
+        _queue_fanout(conn, [message])
         return message
 
     # -- fan-out -------------------------------------------------------------------------
 
     async def fanout(self, worker_id: str, max_messages: int, lease_s: float) -> FanoutBatch:
+        if self._fanned_out:  # committed with their sends: only the push is left
+            count = min(len(self._fanned_out), max(max_messages, 1))
+            entries = [e for _ in range(count) for e in self._fanned_out.popleft()]
+            return FanoutBatch(entries=entries, more=bool(self._fanned_out))
         # Urgent: it rides in the next round ahead of queued acks (a message is late until
         # it is fanned out; an ack is only a receipt).
         return await self._write(
@@ -916,6 +950,12 @@ class _PendingSend:
     request: SendRequest
     max_body: int
     future: asyncio.Future[SendResult]
+
+
+@dataclasses.dataclass(slots=True)
+class _SentBatch:
+    outcomes: list[SendResult | StoreError]
+    fanned_out: list[list[InboxEntry]]  # per message written to inboxes, its entries
 
 
 @dataclasses.dataclass(slots=True)
@@ -1199,9 +1239,10 @@ def _in_savepoint(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T
 
 
 def _store_messages(conn: sqlite3.Connection, messages: list[Message]) -> None:
-    """Insert messages with their fan-out jobs; move each sender's own positions past them.
+    """Insert messages; move each sender's own positions past them.
 
-    The caller has already allocated the seqs and updated ``conversations.last_seq``.
+    The caller has already allocated the seqs and updated ``conversations.last_seq``, and
+    fans the messages out (`_fan_out_now`) or queues them (`_queue_fanout`).
     """
     conn.executemany(
         f"INSERT INTO messages ({_MSG_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -1210,10 +1251,6 @@ def _store_messages(conn: sqlite3.Connection, messages: list[Message]) -> None:
             for m in messages
         ],
     )
-    conn.executemany(
-        "INSERT INTO fanout_jobs (conv_id, seq) VALUES (?, ?)",
-        [(m.conv_id, m.seq) for m in messages],
-    )
     # One update per (conversation, sender): messages are in seq order, so the last wins.
     own = {(m.conv_id, m.sender_id): m.seq for m in messages}
     conn.executemany(
@@ -1221,6 +1258,62 @@ def _store_messages(conn: sqlite3.Connection, messages: list[Message]) -> None:
         " WHERE conv_id = ? AND user_id = ?",
         [(seq, seq, conv, user) for (conv, user), seq in own.items()],
     )
+
+
+def _queue_fanout(conn: sqlite3.Connection, messages: list[Message]) -> None:
+    """Leave the messages to the leased fan-out rounds (`_fanout_conversation`)."""
+    conn.executemany(
+        "INSERT INTO fanout_jobs (conv_id, seq) VALUES (?, ?)",
+        [(m.conv_id, m.seq) for m in messages],
+    )
+
+
+def _convs_with_jobs(conn: sqlite3.Connection, conv_ids: list[int]) -> set[int]:
+    """The conversations among ``conv_ids`` with messages still queued for fan-out."""
+    found: set[int] = set()
+    for start in range(0, len(conv_ids), 500):
+        chunk = conv_ids[start : start + 500]
+        rows = conn.execute(
+            "SELECT DISTINCT conv_id FROM fanout_jobs"
+            f" WHERE conv_id IN ({', '.join('?' * len(chunk))})",
+            chunk,
+        )
+        found.update(int(r[0]) for r in rows)
+    return found
+
+
+def _fan_out_now(
+    conn: sqlite3.Connection, messages: list[Message], now: float
+) -> list[list[InboxEntry]]:
+    """Write just-stored messages to their conversations' members' inboxes.
+
+    Only for conversations with no queued jobs: then the current members are exactly the
+    members at send time (membership changes go through this same writer).
+    """
+    if not messages:
+        return []
+    conv_ids = sorted({m.conv_id for m in messages})
+    members: dict[int, list[int]] = {}
+    heads: dict[int, int] = {}
+    for start in range(0, len(conv_ids), 500):
+        chunk = conv_ids[start : start + 500]
+        rows = conn.execute(
+            "SELECT m.conv_id, m.user_id, u.inbox_head FROM members m"
+            " JOIN users u ON u.id = m.user_id"
+            f" WHERE m.conv_id IN ({', '.join('?' * len(chunk))})",
+            chunk,
+        )
+        for conv_id, user_id, head in rows:
+            members.setdefault(conv_id, []).append(user_id)
+            heads[user_id] = head
+    inbox = _InboxAppender(conn)
+    inbox.seed(heads)
+    fanned_out = [
+        [inbox.append(user, m.conv_id, now, message=m) for user in members.get(m.conv_id, ())]
+        for m in messages
+    ]
+    inbox.flush()
+    return fanned_out
 
 
 def _find_sent(
