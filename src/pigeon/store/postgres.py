@@ -73,6 +73,8 @@ Txn = Callable[[Conn], Awaitable[T]]
 
 #: Most sends committed in one transaction; bigger batches gain little and delay the first.
 MAX_SEND_BATCH = 512
+#: Most acks applied together by one call of the ``pigeon_ack`` function (0004 migration).
+MAX_ACK_BATCH = 256
 #: Inbox rows at or above this go in with COPY, below with one INSERT over arrays (3b).
 COPY_THRESHOLD = 256
 #: How long a call waits for a free pooled connection before answering Unavailable.
@@ -82,6 +84,9 @@ COMMAND_TIMEOUT_S = 30.0
 #: Attempts for a transaction that hit a deadlock or serialisation failure.
 TXN_ATTEMPTS = 5
 MIGRATIONS_PACKAGE = "pigeon.store.migrations.postgresql"
+#: First key of the transaction advisory lock on a big group's aggregate receipt ("ackc");
+#: the second is the conversation id modulo 2**31. Also in the 0004 migration.
+AGGREGATE_LOCK_CLASS = 0x61636B63
 #: pg_advisory_lock key held while migrating ("pigeon" in ASCII).
 MIGRATION_LOCK = 0x706967656F6E
 
@@ -124,6 +129,8 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
         self._send_queue: deque[_PendingSend] = deque()
         self._send_task: asyncio.Task[None] | None = None
+        self._ack_queue: deque[_PendingAck] = deque()
+        self._ack_task: asyncio.Task[None] | None = None
         # Round-robin position of fanout over conversations, per instance.
         self._fanout_after = 0
 
@@ -150,9 +157,10 @@ class PostgresStore:
         self._pool = pool
 
     async def close(self) -> None:
-        if self._send_task is not None and not self._send_task.done():
-            # Let queued sends commit (or fail) before the pool goes away.
-            await asyncio.wait({self._send_task})
+        for task in (self._send_task, self._ack_task):
+            if task is not None and not task.done():
+                # Let queued sends and acks commit (or fail) before the pool goes away.
+                await asyncio.wait({task})
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
@@ -176,6 +184,21 @@ class PostgresStore:
             return await self._transaction(fn)
         except asyncpg.PostgresError as exc:
             raise _map_error(exc) from exc
+
+    async def _call(self, query: str, *args: Any) -> list[Row]:
+        """One statement in its own implicit transaction (no BEGIN and COMMIT round trips),
+        retried on deadlock; database errors become StoreErrors."""
+        for attempt in range(TXN_ATTEMPTS):
+            try:
+                async with self._connection() as conn:
+                    return cast(list[Row], await conn.fetch(query, *args))
+            except _RETRY_ERRORS:
+                if attempt == TXN_ATTEMPTS - 1:
+                    raise Unavailable("too much contention; try again") from None
+                await asyncio.sleep(0.01 * (attempt + 1))
+            except asyncpg.PostgresError as exc:
+                raise _map_error(exc) from exc
+        raise AssertionError("unreachable")
 
     async def _transaction(self, fn: Txn[T]) -> T:
         """Run ``fn`` in one read-committed transaction, retried on deadlock."""
@@ -388,6 +411,7 @@ class PostgresStore:
             await _require_group_admin(conn, conv_id, actor_id)
             if await _role(conn, conv_id, user_id) is None:
                 raise NotFound(f"user {user_id} is not a member of conversation {conv_id}")
+            await _lock_members(conn, conv_id, [user_id, actor_id])  # removed, then "by"
             await conn.execute(
                 "DELETE FROM members WHERE conv_id = $1 AND user_id = $2", conv_id, user_id
             )
@@ -412,6 +436,14 @@ class PostgresStore:
         if await _kind(conn, conv_id) != "group":
             # The pair's one direct conversation must keep both members to stay findable.
             raise Forbidden("cannot leave a direct conversation")
+        # The rows this may write: the leaver's, and the heir's if it must be promoted.
+        heir = await conn.fetchval(
+            f"SELECT user_id FROM members WHERE conv_id = $1 AND user_id <> $2"
+            f" ORDER BY {_MEMBER_ORDER} LIMIT 1",
+            conv_id,
+            user_id,
+        )
+        await _lock_members(conn, conv_id, [user_id] if heir is None else [user_id, int(heir)])
         await conn.execute(
             "DELETE FROM members WHERE conv_id = $1 AND user_id = $2", conv_id, user_id
         )
@@ -717,41 +749,84 @@ class PostgresStore:
         return InboxBounds(floor=int(row[0]), head=int(row[1]))
 
     async def ack(self, device_id: int, up_to: int) -> list[InboxEntry]:
-        async def txn(conn: Conn) -> list[InboxEntry]:
-            row = await conn.fetchrow(
-                "SELECT user_id, cursor FROM devices WHERE id = $1 AND revoked_at IS NULL"
-                " FOR UPDATE",
-                device_id,
-            )
-            if row is None:
-                raise NotFound(f"no device {device_id}")
-            user_id, cursor = int(row[0]), int(row[1])
-            new_cursor = min(up_to, await _inbox_head(conn, user_id))
-            if new_cursor <= cursor:
-                return []
-            await conn.execute(
-                "UPDATE devices SET cursor = $1 WHERE user_id = $2 AND id = $3",
-                new_cursor,
-                user_id,
-                device_id,
-            )
-            # The highest message acked per conversation: delivered is cumulative.
-            acked = await conn.fetch(
-                "SELECT conv_id, max(msg_seq) FROM inbox WHERE user_id = $1 AND inbox_seq > $2"
-                " AND inbox_seq <= $3 AND msg_seq IS NOT NULL GROUP BY conv_id ORDER BY conv_id",
-                user_id,
-                cursor,
-                new_cursor,
-            )
-            inbox = _InboxAppender()
-            now = self._clock()
-            for conv_id, seq in acked:
-                await _advance(
-                    conn, inbox, int(conv_id), user_id, int(seq), 0, now, self._detail_max
-                )
-            return await inbox.flush(conn)
+        """Queued and applied in bulk with the other acks queued meanwhile (`_ack_loop`)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[InboxEntry]] = loop.create_future()
+        self._ack_queue.append(_PendingAck(device_id, up_to, future))
+        if self._ack_task is None or self._ack_task.done():
+            self._ack_task = loop.create_task(self._ack_loop())
+        return await future
 
-        return await self._write(txn)
+    async def _ack_loop(self) -> None:
+        """Apply queued acks, many per call, until the queue is empty.
+
+        A batch is one call of the ``pigeon_ack`` function (0004 migration): one round trip
+        and one short transaction, whose row locks last only while the function runs. While
+        it runs, new acks pile up and become the next batch. A revoked or unknown device
+        fails its own ack only. The receipt entries of the batch go to the first waiting
+        caller whose cursor moved (it pushes them); the others get an empty list.
+        """
+        while self._ack_queue:
+            count = min(len(self._ack_queue), MAX_ACK_BATCH)
+            batch = [self._ack_queue.popleft() for _ in range(count)]
+            try:
+                moved, entries = await self._apply_acks(batch)
+            except Exception as exc:  # whole batch failed; never leave a caller hanging
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(_fresh(exc))
+                continue
+            except asyncio.CancelledError:
+                for pending in [*batch, *self._ack_queue]:
+                    pending.future.cancel()
+                self._ack_queue.clear()
+                raise
+            waiting = [p for p in batch if not p.future.done() and p.device_id in moved]
+            takers = [p for p in waiting if moved[p.device_id]] or waiting
+            taker = takers[0] if takers else None
+            for pending in batch:
+                if pending.future.done():  # the caller was cancelled
+                    continue
+                if pending.device_id not in moved:
+                    pending.future.set_exception(NotFound(f"no device {pending.device_id}"))
+                else:
+                    pending.future.set_result(entries if pending is taker else [])
+
+    async def _apply_acks(
+        self, batch: Sequence[_PendingAck]
+    ) -> tuple[dict[int, bool], list[InboxEntry]]:
+        """Apply a batch of acks; return whether each device found moved its cursor, and
+        the receipt entries written."""
+        now = self._clock()
+        rows = await self._call(
+            "SELECT * FROM pigeon_ack($1::bigint[], $2::bigint[], $3::integer, $4::float8,"
+            " $5::text)",
+            [p.device_id for p in batch],
+            [p.up_to for p in batch],
+            self._detail_max,
+            float(now),
+            json.dumps(now),  # stored receipts read back exactly as written by Python
+        )
+        moved: dict[int, bool] = {}
+        entries: list[InboxEntry] = []
+        for row in rows:
+            if row[0] is not None:
+                moved[int(row[0])] = bool(row[1])
+                continue
+            user_id, inbox_seq, conv_id, member, delivered, read, all_delivered, all_read = row[2:]
+            state = ReceiptState(
+                int(conv_id),
+                int(member),
+                int(delivered),
+                int(read),
+                int(all_delivered),
+                int(all_read),
+                now,
+            )
+            entries.append(
+                InboxEntry(int(user_id), int(inbox_seq), int(conv_id), now, receipt=state)
+            )
+        return moved, entries
 
     async def mark_read(self, user_id: int, conv_id: int, up_to_seq: int) -> list[InboxEntry]:
         async def txn(conn: Conn) -> list[InboxEntry]:
@@ -782,8 +857,11 @@ class PostgresStore:
             deleted = await conn.fetchval(
                 "WITH floors AS (SELECT user_id, max(inbox_seq) AS floor FROM inbox"
                 "  WHERE ts < $1 GROUP BY user_id),"
+                # Users' rows locked in id order, as fan-out and acks lock them.
+                " locked AS (SELECT u.id FROM users u JOIN floors f ON f.user_id = u.id"
+                "  ORDER BY u.id FOR NO KEY UPDATE OF u),"
                 " raised AS (UPDATE users u SET inbox_floor = greatest(u.inbox_floor, f.floor)"
-                "  FROM floors f WHERE u.id = f.user_id),"
+                "  FROM floors f JOIN locked l ON l.id = f.user_id WHERE u.id = f.user_id),"
                 " gone AS (DELETE FROM inbox i USING floors f"
                 "  WHERE i.user_id = f.user_id AND i.inbox_seq <= f.floor RETURNING 1)"
                 " SELECT count(*) FROM gone",
@@ -802,6 +880,18 @@ class _PendingSend:
     request: SendRequest
     max_body: int
     future: asyncio.Future[SendResult]
+
+
+@dataclasses.dataclass(slots=True)
+class _PendingAck:
+    device_id: int
+    up_to: int
+    future: asyncio.Future[list[InboxEntry]]
+
+
+def _fresh(exc: Exception) -> Exception:
+    """A fresh instance per caller of a shared failure: one would share its traceback."""
+    return type(exc)(*exc.args) if isinstance(exc, StoreError) else exc
 
 
 @dataclasses.dataclass(slots=True)
@@ -1052,9 +1142,16 @@ async def _advance(
     messages in the moved ranges: each sender once, with the member's new positions and
     the aggregate; in a group over ``detail_max_group`` members, only when the aggregate
     moves (`pigeon.store.receipts`)."""
+    detailed = await _member_count_at_most(conn, conv_id, detail_max_group)
+    if not detailed:
+        # As in pigeon_ack: the aggregate's before and after are read under this lock, so
+        # two concurrent transactions cannot both miss its move. Taken before the row lock.
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock($1, $2)", AGGREGATE_LOCK_CLASS, conv_id % 2**31
+        )
     row = await conn.fetchrow(
         "SELECT delivered_seq, read_seq FROM members WHERE conv_id = $1 AND user_id = $2"
-        " FOR UPDATE",
+        " FOR NO KEY UPDATE",
         conv_id,
         user_id,
     )
@@ -1064,7 +1161,6 @@ async def _advance(
     new = receipts.advance(old, delivered_to, read_to)
     if new is None:
         return
-    detailed = await _member_count_at_most(conn, conv_id, detail_max_group)
     before = None if detailed else await _aggregate(conn, conv_id)
     await conn.execute(
         "UPDATE members SET delivered_seq = $1, read_seq = $2 WHERE conv_id = $3 AND user_id = $4",
@@ -1136,6 +1232,17 @@ async def _lock_conversation(conn: Conn, conv_id: int) -> int:
     if last is None:
         raise NotMember(f"no conversation {conv_id}")
     return int(last)
+
+
+async def _lock_members(conn: Conn, conv_id: int, user_ids: Sequence[int]) -> None:
+    """Lock member rows a group change will write, in user order (the order acks and sends
+    lock members in), so that it cannot deadlock with them."""
+    await conn.execute(
+        "SELECT 1 FROM members WHERE conv_id = $1 AND user_id = ANY($2::bigint[])"
+        " ORDER BY user_id FOR NO KEY UPDATE",
+        conv_id,
+        sorted(set(user_ids)),
+    )
 
 
 async def _lock_conversations(conn: Conn, conv_ids: Iterable[int]) -> None:
@@ -1212,14 +1319,26 @@ async def _store_messages(conn: Conn, messages: list[Message]) -> None:
         "  SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[],"
         "  $5::text[], $6::text[], $7::text[], $8::float8[]) RETURNING conv_id, seq)"
         " INSERT INTO fanout_jobs (conv_id, seq) SELECT conv_id, seq FROM added",
-        *_columns([dataclasses.astuple(m) for m in messages], 8),
+        [m.conv_id for m in messages],
+        [m.seq for m in messages],
+        [m.sender_id for m in messages],
+        [m.sender_device for m in messages],
+        [m.client_id for m in messages],
+        [m.kind for m in messages],
+        [m.body for m in messages],
+        [m.ts for m in messages],
     )
     # One update per (conversation, sender): messages are in seq order, so the last wins.
+    # The rows are locked in (conv_id, user_id) order first, as acks lock them (pigeon_ack):
+    # a batch of sends and a batch of acks touching the same members cannot deadlock.
     own = {(m.conv_id, m.sender_id): m.seq for m in messages}
     await conn.execute(
         "UPDATE members m SET delivered_seq = greatest(m.delivered_seq, o.seq),"
         " read_seq = greatest(m.read_seq, o.seq)"
-        " FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS o(conv_id, user_id, seq)"
+        " FROM (SELECT l.conv_id, l.user_id, n.seq FROM members l"
+        "  JOIN unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS n(conv_id, user_id, seq)"
+        "  ON l.conv_id = n.conv_id AND l.user_id = n.user_id"
+        "  ORDER BY l.conv_id, l.user_id FOR NO KEY UPDATE OF l) o"
         " WHERE m.conv_id = o.conv_id AND m.user_id = o.user_id",
         *_columns([(conv, user, seq) for (conv, user), seq in own.items()], 3),
     )
