@@ -13,6 +13,12 @@ leases, group commit), made safe for many processes on one database:
   (free, expired, or already its own) with ``FOR UPDATE SKIP LOCKED``, writes the entries, and
   extends or frees the lease, all in one transaction: the lock is the fence, so a worker whose
   lease was taken over commits nothing for that conversation.
+* Acks: queued acks are applied in bulk by one call of the ``pigeon_ack`` function (0004
+  migration), one round trip and one short transaction per batch, with a transaction
+  advisory lock per big group around its aggregate receipt.
+* Lock order, everywhere: conversations (id order), devices (id order), aggregate advisory
+  locks (key order), members ((conv_id, user_id) order), users (id order); fan-out leases
+  come before users. Sends, acks and group changes never wait for a lock earlier in it.
 * Deadlocks and serialisation failures (which the lock ordering makes rare) are retried.
 
 Group commit: ``send_message`` calls queue up and one task commits everything queued (up to
@@ -87,6 +93,7 @@ MIGRATIONS_PACKAGE = "pigeon.store.migrations.postgresql"
 #: First key of the transaction advisory lock on a big group's aggregate receipt ("ackc");
 #: the second is the conversation id modulo 2**31. Also in the 0004 migration.
 AGGREGATE_LOCK_CLASS = 0x61636B63
+_MAX_BIGINT = 2**63 - 1
 #: pg_advisory_lock key held while migrating ("pigeon" in ASCII).
 MIGRATION_LOCK = 0x706967656F6E
 
@@ -750,6 +757,9 @@ class PostgresStore:
 
     async def ack(self, device_id: int, up_to: int) -> list[InboxEntry]:
         """Queued and applied in bulk with the other acks queued meanwhile (`_ack_loop`)."""
+        if not 0 < device_id <= _MAX_BIGINT:  # could not be passed in the batch's array
+            raise NotFound(f"no device {device_id}")
+        up_to = max(0, min(up_to, _MAX_BIGINT))  # the same answer: no head is beyond this
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[InboxEntry]] = loop.create_future()
         self._ack_queue.append(_PendingAck(device_id, up_to, future))
@@ -995,7 +1005,8 @@ class _InboxAppender:
             counts[user_id] = counts.get(user_id, 0) + 1
         users = sorted(counts)
         await conn.execute(
-            "SELECT 1 FROM users WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE", users
+            "SELECT 1 FROM users WHERE id = ANY($1::bigint[]) ORDER BY id FOR NO KEY UPDATE",
+            users,
         )
         rows = await conn.fetch(
             "UPDATE users u SET inbox_head = u.inbox_head + n.count"
