@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar, cast
 
 from pigeon.store import receipts, records
+from pigeon.store.checkpoint import BACKSTOP_PAGES, WalCheckpointer
 from pigeon.store.errors import (
     BadPosition,
     Conflict,
@@ -99,9 +100,11 @@ class SqliteStore:
         receipt_detail_max_group: int = receipts.DEFAULT_DETAIL_MAX_GROUP,
         fsync: bool = True,
         fanout_with_send: bool = True,
+        checkpoint_interval_s: float = 0.5,
     ) -> None:
         self._path = str(path)
         self._fanout_with_send = fanout_with_send
+        self._checkpointer = WalCheckpointer(self._connect, checkpoint_interval_s)
         self._fsync = fsync
         self._clock = clock
         self._detail_max = receipt_detail_max_group
@@ -141,11 +144,13 @@ class SqliteStore:
             reader.shutdown(wait=False)
             raise Unavailable(f"cannot open {self._path}: {exc}") from exc
         self._writer, self._reader = writer, reader
+        await self._checkpointer.start()
 
     async def close(self) -> None:
         if self._writer_task is not None and not self._writer_task.done():
             # Let queued writes commit (or fail) before their writer goes away.
             await asyncio.wait({self._writer_task})
+        await self._checkpointer.stop()
         loop = asyncio.get_running_loop()
         writer, reader = self._writer, self._reader
         self._writer = self._reader = None
@@ -170,6 +175,7 @@ class SqliteStore:
     def _open_writer(self) -> None:
         conn = self._connect()
         conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_PAGES}")  # see WalCheckpointer
         _migrate(conn, self._clock)
         self._wconn = conn
 
@@ -243,6 +249,7 @@ class SqliteStore:
                 raise
             # Ready before any sender hears `sent` and wakes the workers.
             self._fanned_out.extend(fanned_out)
+            self._checkpointer.committed()
             futures = [p.future for p in sends] + [future for _, future in writes]
             for future, outcome in zip(futures, [*send_outcomes, *write_outcomes], strict=True):
                 if future.done():  # the caller was cancelled

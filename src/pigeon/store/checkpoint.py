@@ -1,0 +1,77 @@
+"""WAL checkpoints for the embedded store, off the writer's commit path.
+
+SQLite's automatic checkpoint runs inside the commit that crosses its threshold: that commit
+copies the WAL's pages into the database file and fsyncs it, and every send queued behind
+it waits. Here a connection of its own, on a thread of its own, checkpoints in PASSIVE mode
+(it never waits for the writer or the readers, and they never wait for it) every
+``interval_s`` while there were commits. The writer keeps a large automatic threshold only
+as a backstop, in case this one falls behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+log = logging.getLogger(__name__)
+
+#: The writer's own checkpoint threshold, in pages: reached only if checkpoints here stall.
+BACKSTOP_PAGES = 16_000
+
+
+class WalCheckpointer:
+    def __init__(self, connect: Callable[[], sqlite3.Connection], interval_s: float) -> None:
+        self._connect = connect
+        self._interval_s = interval_s
+        self._thread: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._dirty = False
+
+    async def start(self) -> None:
+        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pigeon-sqlite-ckpt")
+        await asyncio.get_running_loop().run_in_executor(thread, self._open)
+        self._thread = thread
+        self._task = asyncio.create_task(self._run())
+
+    def committed(self) -> None:
+        self._dirty = True
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            await asyncio.get_running_loop().run_in_executor(thread, self._close)
+            thread.shutdown(wait=False)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._interval_s)
+            if not self._dirty or self._thread is None:
+                continue
+            self._dirty = False
+            try:
+                await loop.run_in_executor(self._thread, self._checkpoint)
+            except sqlite3.Error as exc:  # the writer's backstop still bounds the WAL
+                log.warning("WAL checkpoint failed: %s", exc)
+
+    def _open(self) -> None:
+        self._conn = self._connect()
+
+    def _checkpoint(self) -> None:
+        if self._conn is not None:
+            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

@@ -1,0 +1,50 @@
+"""The embedded store checkpoints its WAL in the background, not in the writer's commits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pigeon.store.models import SendRequest
+from pigeon.store.sqlite import SqliteStore
+from tests.support import eventually
+
+
+def size(path: Path) -> int:
+    return path.stat().st_size
+
+
+async def grows_after_sends(db: Path, checkpoint_interval_s: float, wait_s: float) -> bool:
+    """Whether the database file grows within ``wait_s`` after 300 committed sends (a WAL
+    checkpoint is what copies committed pages into it)."""
+    store = SqliteStore(db, checkpoint_interval_s=checkpoint_interval_s)
+    await store.open()
+    try:
+        alice = await store.create_user("alice", "Alice", "x")
+        bob = await store.create_user("bob", "Bob", "x")
+        phone = await store.create_device(alice.id, "phone", "token-hash")
+        conv = await store.direct_conversation(alice.id, bob.id)
+        db_size = size(db)
+        for i in range(300):
+            request = SendRequest(conv.id, alice.id, phone.id, f"c{i}", "text", "x" * 500)
+            await store.send_message(request, 4096)
+
+        async def grown() -> bool:
+            return size(db) > db_size
+
+        try:
+            await eventually(grown, timeout=wait_s)
+        except TimeoutError:
+            return False
+        return True
+    finally:
+        await store.close()
+
+
+async def test_commits_are_checkpointed_in_the_background(tmp_path: Path) -> None:
+    # ~150 KB of messages: far below the writer's own threshold (BACKSTOP_PAGES).
+    assert await grows_after_sends(tmp_path / "a.db", checkpoint_interval_s=0.05, wait_s=10)
+
+
+async def test_the_writer_alone_does_not_checkpoint_small_wals(tmp_path: Path) -> None:
+    """The control: without the background checkpoints the file does not grow."""
+    assert not await grows_after_sends(tmp_path / "b.db", checkpoint_interval_s=3600, wait_s=1)
