@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pigeon.auth import Passwords
 from pigeon.config import Config, from_env
+from pigeon.runtime import tune_gc_for_serving
 from pigeon.server import build_server, open_bus, open_store
 from pigeon.store.errors import Conflict
 
@@ -41,6 +42,7 @@ def _run(coro: object) -> None:
 async def serve(config: Config) -> None:
     server = build_server(config)
     await server.start()
+    tune_gc_for_serving()
     print(f"Pigeon is listening on {server.url} (gateway {server.gateway_id})", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

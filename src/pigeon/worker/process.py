@@ -15,6 +15,7 @@ from typing import Any
 from pigeon.bus.base import Bus
 from pigeon.bus.routing import Router
 from pigeon.config import Config
+from pigeon.runtime import tune_gc_for_serving
 from pigeon.store.base import Store
 from pigeon.worker.fanout import FanoutWorker, RetentionPruner
 
@@ -74,6 +75,7 @@ class WorkerProcess:
 async def run_worker_process(process: WorkerProcess) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully."""
     await process.start()
+    tune_gc_for_serving()
     print(
         f"Pigeon worker {process.process_id} is running {len(process.workers)} fan-out workers",
         flush=True,
