@@ -850,7 +850,7 @@ class SqliteStore:
         devices = _devices_with_heads(conn, sorted({device for device, _ in acks}))
         outcomes: list[list[InboxEntry] | StoreError] = []
         cursor_updates: dict[int, int] = {}
-        delivered: dict[int, dict[int, int]] = {}  # conv -> user -> highest seq acked
+        moved: list[tuple[int, int, int]] = []  # (user, after, up to): inbox ranges acked
         first_mover: int | None = None
         for device_id, up_to in acks:
             known = devices.get(device_id)
@@ -865,14 +865,8 @@ class SqliteStore:
             first_mover = len(outcomes) - 1 if first_mover is None else first_mover
             devices[device_id] = (user_id, new_cursor, head)  # a later ack starts from here
             cursor_updates[device_id] = new_cursor
-            # The highest message acked per conversation: delivered is cumulative.
-            for conv_id, seq in conn.execute(
-                "SELECT conv_id, MAX(msg_seq) FROM inbox WHERE user_id = ? AND inbox_seq > ?"
-                " AND inbox_seq <= ? AND msg_seq IS NOT NULL GROUP BY conv_id",
-                (user_id, cursor, new_cursor),
-            ):
-                users = delivered.setdefault(int(conv_id), {})
-                users[user_id] = max(users.get(user_id, 0), int(seq))
+            moved.append((user_id, cursor, new_cursor))
+        delivered = _highest_acked(conn, moved)
         conn.executemany(
             "UPDATE devices SET cursor = ? WHERE id = ?",
             [(cursor, device) for device, cursor in cursor_updates.items()],
@@ -1091,6 +1085,28 @@ def _pending_departures(conn: sqlite3.Connection, conv_id: int) -> list[tuple[in
             # Joined before every pending message, unless a pending "added" says otherwise.
             spans.append((user, joined_after.pop(user, 0), int(seq)))
     return spans
+
+
+def _highest_acked(
+    conn: sqlite3.Connection, ranges: list[tuple[int, int, int]]
+) -> dict[int, dict[int, int]]:
+    """conv -> user -> the highest message seq in the users' acked inbox ranges
+    ``(user, after, up_to)``: delivered is cumulative. One indexed join per 300 ranges."""
+    delivered: dict[int, dict[int, int]] = {}
+    for start in range(0, len(ranges), 300):
+        chunk = ranges[start : start + 300]
+        values = ", ".join("(?, ?, ?)" for _ in chunk)
+        rows = conn.execute(
+            f"SELECT r.column1, i.conv_id, MAX(i.msg_seq) FROM (VALUES {values}) AS r"
+            " JOIN inbox i ON i.user_id = r.column1 AND i.inbox_seq > r.column2"
+            " AND i.inbox_seq <= r.column3 WHERE i.msg_seq IS NOT NULL"
+            " GROUP BY r.column1, i.conv_id",
+            [part for key in chunk for part in key],
+        )
+        for user_id, conv_id, seq in rows:
+            users = delivered.setdefault(int(conv_id), {})
+            users[int(user_id)] = max(users.get(int(user_id), 0), int(seq))
+    return delivered
 
 
 def _advance(
