@@ -677,8 +677,9 @@ class SqliteStore:
         """Validate and write a batch of sends, and fan them out; a failing request yields
         its error, writes nothing, and does not affect the others."""
         now = self._clock()
-        last_seqs: dict[int, int] = {}  # conv -> last seq, allocated here (we hold the lock)
-        is_member: dict[tuple[int, int], bool] = {}
+        # conv -> last seq, allocated here (we hold the lock); membership, once per batch
+        last_seqs = _last_seqs(conn, sorted({r.conv_id for r, _ in work}))
+        members = _memberships(conn, sorted({(r.conv_id, r.sender_id) for r, _ in work}))
         sent: dict[tuple[int, str], SendResult] = {}  # idempotency within this batch
         committed = _find_sent(conn, [(r.sender_device, r.client_id) for r, _ in work])
         messages: list[Message] = []
@@ -693,14 +694,9 @@ class SqliteStore:
             if prior is not None:
                 outcomes.append(dataclasses.replace(prior, duplicate=True))
                 continue
-            member_key = (req.conv_id, req.sender_id)
-            if member_key not in is_member:
-                is_member[member_key] = _role(conn, *member_key) is not None
-            if not is_member[member_key]:
+            if (req.conv_id, req.sender_id) not in members:
                 outcomes.append(NotMember(f"not a member of conversation {req.conv_id}"))
                 continue
-            if req.conv_id not in last_seqs:
-                last_seqs[req.conv_id] = _last_seq(conn, req.conv_id)
             seq = last_seqs[req.conv_id] = last_seqs[req.conv_id] + 1
             fields = (req.sender_id, req.sender_device, req.client_id, req.kind, req.body)
             messages.append(Message(req.conv_id, seq, *fields, ts=now))
@@ -708,12 +704,12 @@ class SqliteStore:
             if req.sender_device != 0:
                 sent[key] = result
             outcomes.append(result)
+        convs = sorted({m.conv_id for m in messages})
         conn.executemany(
             "UPDATE conversations SET last_seq = ?, last_activity = ? WHERE id = ?",
-            [(seq, now, conv) for conv, seq in last_seqs.items()],
+            [(last_seqs[conv], now, conv) for conv in convs],
         )
         _store_messages(conn, messages)
-        convs = list(last_seqs)
         queued = _convs_with_jobs(conn, convs) if self._fanout_with_send else set(convs)
         _queue_fanout(conn, [m for m in messages if m.conv_id in queued])
         ready = [m for m in messages if m.conv_id not in queued]
@@ -1337,6 +1333,34 @@ def _fan_out_now(
     ]
     inbox.flush()
     return fanned_out
+
+
+def _last_seqs(conn: sqlite3.Connection, conv_ids: list[int]) -> dict[int, int]:
+    """conv -> its last seq, for those of ``conv_ids`` that exist."""
+    found: dict[int, int] = {}
+    for start in range(0, len(conv_ids), 500):
+        chunk = conv_ids[start : start + 500]
+        rows = conn.execute(
+            f"SELECT id, last_seq FROM conversations WHERE id IN ({', '.join('?' * len(chunk))})",
+            chunk,
+        )
+        found.update((int(conv), int(seq)) for conv, seq in rows)
+    return found
+
+
+def _memberships(conn: sqlite3.Connection, pairs: list[tuple[int, int]]) -> set[tuple[int, int]]:
+    """Those ``(conv, user)`` pairs where the user is a member, in one query per 400."""
+    found: set[tuple[int, int]] = set()
+    for start in range(0, len(pairs), 400):
+        chunk = pairs[start : start + 400]
+        values = ", ".join("(?, ?)" for _ in chunk)
+        rows = conn.execute(
+            f"SELECT m.conv_id, m.user_id FROM (VALUES {values}) AS k"
+            " JOIN members m ON m.conv_id = k.column1 AND m.user_id = k.column2",
+            [part for pair in chunk for part in pair],
+        )
+        found.update((int(conv), int(user)) for conv, user in rows)
+    return found
 
 
 def _find_sent(
