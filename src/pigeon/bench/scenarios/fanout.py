@@ -31,13 +31,15 @@ def needs(p: Params) -> Needs:
 
 
 def _merge(results: list[dict[str, Any]], phase: str) -> dict[str, list[float]]:
-    """client_id -> [send time, last delivery time, deliveries] over all shards."""
+    """client_id -> [send time, last delivery time, deliveries, first delivery time] over
+    all shards."""
     merged: dict[str, list[float]] = {}
     for r in results:
-        for cid, (sent, last, count) in r[phase].items():
-            entry = merged.setdefault(cid, [sent, last, 0])
+        for cid, (sent, last, count, first) in r[phase].items():
+            entry = merged.setdefault(cid, [sent, last, 0, first])
             entry[1] = max(entry[1], last)
             entry[2] += count
+            entry[3] = min(entry[3], first)
     return merged
 
 
@@ -59,18 +61,22 @@ async def drive(run: Run) -> dict[str, Any]:
     record: dict[str, Any] = {"members": p.members, "paced": p.paced, "burst": p.burst}
     for phase, expected in (("paced_stats", p.paced), ("burst_stats", p.burst)):
         merged = _merge(results, phase)
-        complete = [last - sent for sent, last, count in merged.values() if count >= others]
-        deliveries = sum(int(count) for _, _, count in merged.values())
+        complete = [last - sent for sent, last, count, _ in merged.values() if count >= others]
+        deliveries = sum(int(count) for _, _, count, _ in merged.values())
         name = phase.split("_")[0]
         record[name] = {
             "messages": expected,
             "all_members": latency_summary(complete),
+            # the server's part shows here; all_members adds the spread over the sockets
+            "first_member": latency_summary(
+                [first - sent for sent, _, _, first in merged.values()]
+            ),
             "deliveries": deliveries,
             "loss": expected * others - deliveries,
         }
         if merged:
-            first = min(s for s, _, _ in merged.values())
-            last = max(t for _, t, _ in merged.values())
+            first = min(s for s, _, _, _ in merged.values())
+            last = max(t for _, t, _, _ in merged.values())
             record[name]["deliveries_per_s"] = round(deliveries / max(last - first, 1e-6), 1)
         run.extra[f"{name}_latencies"] = complete
     burst_times = [t for r in results for t in r["burst_times"]]
@@ -113,7 +119,7 @@ class Group:
             self.order += 1
         self.last_seq[client.index] = max(frame.seq, self.last_seq.get(client.index, 0))
         phase = "burst_stats" if frame.client_id.startswith("b") else "paced_stats"
-        entry = self.stats[phase].setdefault(frame.client_id, [sent_at(frame.body), now, 0])
+        entry = self.stats[phase].setdefault(frame.client_id, [sent_at(frame.body), now, 0, now])
         entry[1] = max(entry[1], now)
         entry[2] += 1
         self.received += 1
