@@ -1,9 +1,16 @@
 """One live WebSocket: its protocol session and a bounded send buffer.
 
-Nothing is awaited on behalf of one client by code serving others: `push` only appends to
-the buffer; a short-lived writer task drains it, packing everything queued into one
-WebSocket message (a JSON array). A client that stops reading lets the buffer grow past
-its bound: it is then cut off as a slow consumer, and the dropped pushes stay in its inbox.
+Nothing is awaited on behalf of one client by code serving others. A push that finds the
+socket keeping up is written at once, as one WebSocket message (a JSON array when it
+carries several frames), straight to the transport: no task, no await. When the transport
+pushes back (its buffer is over the high-water mark) or earlier output is still waiting,
+pushes are appended to a buffer instead, and a short-lived writer task waits for the
+transport to drain and then writes everything queued as one message. A client that stops
+reading lets that buffer grow past its bound: it is then cut off as a slow consumer, and
+the dropped pushes stay in its inbox.
+
+Frames leave in the order they were pushed: the fast path is only taken when nothing is
+queued, and the writer task empties the queue in order before the fast path resumes.
 """
 
 from __future__ import annotations
@@ -11,10 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 from collections.abc import Iterable
 
 import msgspec
-from aiohttp import WSMsgType, web
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.web_protocol import RequestHandler
 
 from pigeon.protocol import frames as f
 from pigeon.protocol.codes import CloseCode
@@ -22,12 +32,37 @@ from pigeon.protocol.session import Session
 
 log = logging.getLogger(__name__)
 
+# Server-to-client frame header (RFC 6455 5.2): FIN + TEXT opcode, no mask, no RSV bits
+# (no extension is negotiated: the endpoint turns compression off), then the length in
+# 7, 7+16 or 7+64 bits.
+_FIN_TEXT = 0x81
+_HEADER_16 = struct.Struct("!BBH").pack
+_HEADER_64 = struct.Struct("!BBQ").pack
+#: Above this, header and payload go to the transport separately (no copy of the payload).
+_JOIN_MAX = 16 * 1024
+
+
+def frame_header(length: int) -> bytes:
+    """The header of an unmasked, final TEXT frame carrying ``length`` payload bytes."""
+    if length < 126:
+        return bytes((_FIN_TEXT, length))
+    if length < 65536:
+        return _HEADER_16(_FIN_TEXT, 126, length)
+    return _HEADER_64(_FIN_TEXT, 127, length)
+
+
+def _pack(batch: list[bytes]) -> bytes:
+    return batch[0] if len(batch) == 1 else b"[" + b",".join(batch) + b"]"
+
 
 class Connection:
+    # One per socket: no per-instance dict, and the queue exists only while used.
     __slots__ = (
         "_closer",
         "_out",
         "_out_bytes",
+        "_protocol",
+        "_stream",
         "_writer",
         "buffer_limit",
         "closing",
@@ -35,15 +70,28 @@ class Connection:
         "ws",
     )
 
-    def __init__(self, ws: web.WebSocketResponse, session: Session, buffer_limit: int) -> None:
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        session: Session,
+        buffer_limit: int,
+        request: web.BaseRequest | None = None,
+    ) -> None:
+        """``request`` (the upgraded one) gives the connection's protocol, whose transport
+        pushes go to, and its writer, to wait for that transport to drain. Without it, or
+        with compression negotiated, every push goes through aiohttp's writer in a task."""
         self.ws = ws
         self.session = session
         self.buffer_limit = buffer_limit
         self.closing = False
-        self._out: list[bytes] = []
+        self._out: list[bytes] | None = None
         self._out_bytes = 0
         self._writer: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
+        self._protocol: RequestHandler | None = None
+        self._stream: AbstractStreamWriter | None = None
+        if request is not None and not ws.compress:
+            self._protocol, self._stream = request.protocol, request.writer
 
     @property
     def user_id(self) -> int:
@@ -62,13 +110,33 @@ class Connection:
     def send_encoded(self, encoded: list[bytes]) -> None:
         if self.closing or not encoded:
             return
-        self._out.extend(encoded)
+        out = self._out
+        if out is None:
+            # Nothing queued: write now if the transport takes it.
+            protocol = self._protocol
+            if protocol is not None and not protocol.writing_paused and not self.ws.closed:
+                transport = protocol.transport
+                if transport is None or transport.is_closing():
+                    self.closing = True  # the socket is gone; the handler cleans up
+                    return
+                self._write(transport, _pack(encoded))
+                return
+            out = self._out = []
+        out.extend(encoded)
         self._out_bytes += sum(len(e) for e in encoded)
         if self._out_bytes > self.buffer_limit:
             self.close(CloseCode.SLOW_CONSUMER, "send buffer full: resume to catch up")
             return
         if self._writer is None:
             self._writer = asyncio.create_task(self._drain())
+
+    @staticmethod
+    def _write(transport: asyncio.Transport, data: bytes) -> None:
+        length = len(data)
+        if length <= _JOIN_MAX:
+            transport.write(frame_header(length) + data)
+        else:
+            transport.writelines((frame_header(length), data))
 
     @property
     def buffered(self) -> int:
@@ -81,14 +149,25 @@ class Connection:
     async def _drain(self) -> None:
         try:
             while self._out and not self.closing:
-                batch, self._out, self._out_bytes = self._out, [], 0
-                data = batch[0] if len(batch) == 1 else b"[" + b",".join(batch) + b"]"
-                await self.ws.send_frame(data, WSMsgType.TEXT)
+                if self._stream is None:  # no fast path: aiohttp writes (and waits) itself
+                    batch, self._out, self._out_bytes = self._out, [], 0
+                    await self.ws.send_frame(_pack(batch), web.WSMsgType.TEXT)
+                    continue
+                await self._stream.drain()  # until the transport is under its high-water mark
+                if self.closing or not self._out:
+                    break
+                transport = self._protocol.transport if self._protocol is not None else None
+                if transport is None or transport.is_closing() or self.ws.closed:
+                    raise ConnectionResetError("connection lost")
+                batch, self._out, self._out_bytes = self._out, None, 0
+                self._write(transport, _pack(batch))
         except (ConnectionError, RuntimeError) as exc:
             log.debug("send failed, dropping connection: %s", exc)
             self.closing = True
         finally:
             self._writer = None
+            if not self._out:
+                self._out = None
 
     def close(self, code: CloseCode, reason: str) -> None:
         """Close without waiting; pending output is dropped (it stays in the inbox)."""
@@ -96,7 +175,7 @@ class Connection:
             return
         self.closing = True
         self.session.closed()
-        self._out.clear()
+        self._out = None
         self._out_bytes = 0
         self._closer = asyncio.create_task(self._close(code, reason))
 
