@@ -150,6 +150,7 @@ class PostgresStore:
                 min_size=1,
                 max_size=self._pool_size,
                 command_timeout=COMMAND_TIMEOUT_S,
+                reset=_keep_session,
             )
         except _UNAVAILABLE_ERRORS as exc:
             raise Unavailable(f"cannot connect to PostgreSQL: {exc}") from exc
@@ -890,6 +891,14 @@ class _PendingSend:
     request: SendRequest
     max_body: int
     future: asyncio.Future[SendResult]
+
+
+async def _keep_session(conn: Conn) -> None:
+    """Pool release hook, instead of asyncpg's default reset query (``RESET ALL``,
+    ``UNLISTEN *``, ``CLOSE ALL``, unlocking session advisory locks): a round trip on every
+    call, for session state this store never leaves behind (it sets nothing, listens to
+    nothing, keeps no cursors, and `_migrate` releases its own lock). asyncpg still rolls
+    back a transaction left open before calling this."""
 
 
 @dataclasses.dataclass(slots=True)
