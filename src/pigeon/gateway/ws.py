@@ -42,6 +42,7 @@ def websocket_handler(hub: Hub) -> Callable[[web.Request], Awaitable[web.StreamR
         )
         await ws.prepare(request)
         ws.headers.clear()  # sent with the 101; nothing reads them again
+        _drop_http_parser(request)
         conn = Connection(ws, hub.new_session(), limits.send_buffer_bytes, request)
         del request
         hub.attach(conn)
@@ -55,3 +56,17 @@ def websocket_handler(hub: Hub) -> Callable[[web.Request], Awaitable[web.StreamR
         return ws
 
     return handle
+
+
+def _drop_http_parser(request: web.Request) -> None:
+    """Let the HTTP request parser of an upgraded connection go (~2 KiB per socket).
+
+    aiohttp keeps it for the connection's life although, once the WebSocket reader is
+    installed, every byte goes to that reader; aiohttp itself sets the attribute to None
+    when the connection is lost, and checks for None wherever it uses it. Private
+    attribute: if a future aiohttp renames it, this does nothing (the WebSocket tests
+    exercise the path either way).
+    """
+    protocol = request.protocol
+    if getattr(protocol, "_payload_parser", None) is not None and hasattr(protocol, "_parser"):
+        protocol._parser = None
