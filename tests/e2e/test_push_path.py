@@ -284,3 +284,21 @@ async def test_the_queue_bound_still_cuts_off_a_slow_consumer() -> None:
     await asyncio.sleep(0.01)
     assert ws.close_code == CloseCode.SLOW_CONSUMER
     assert protocol.transport.written == b""  # nothing of the backlog went out
+
+
+def test_packing_keeps_order_and_bounds_each_message() -> None:
+    from pigeon.gateway.connection import _PACK_MAX, _pack
+
+    frames = [json.dumps({"n": i, "pad": "x" * (i % 7) * 9000}).encode() for i in range(200)]
+    frames.insert(50, json.dumps({"n": "big", "pad": "y" * (_PACK_MAX * 2)}).encode())
+    messages = _pack(frames)
+    assert len(messages) > 2
+    unpacked: list[object] = []
+    for message in messages:
+        decoded = json.loads(message)
+        items = decoded if isinstance(decoded, list) else [decoded]
+        # Only a frame over the bound on its own may exceed it.
+        assert len(message) <= _PACK_MAX + 16 or len(items) == 1
+        unpacked += items
+    assert unpacked == [json.loads(frame) for frame in frames]
+    assert _pack([frames[0]]) == [frames[0]]

@@ -40,6 +40,9 @@ _HEADER_16 = struct.Struct("!BBH").pack
 _HEADER_64 = struct.Struct("!BBQ").pack
 #: Above this, header and payload go to the transport separately (no copy of the payload).
 _JOIN_MAX = 16 * 1024
+#: Frames are packed into one message up to this size (a replay page of big messages
+#: becomes several messages, not one of many MiB).
+_PACK_MAX = 256 * 1024
 
 
 def frame_header(length: int) -> bytes:
@@ -51,8 +54,24 @@ def frame_header(length: int) -> bytes:
     return _HEADER_64(_FIN_TEXT, 127, length)
 
 
-def _pack(batch: list[bytes]) -> bytes:
-    return batch[0] if len(batch) == 1 else b"[" + b",".join(batch) + b"]"
+def _pack(batch: list[bytes]) -> list[bytes]:
+    """The WebSocket messages carrying ``batch``: one frame, or a JSON array of frames of
+    at most about ``_PACK_MAX`` bytes."""
+    if len(batch) == 1:
+        return batch
+    messages: list[bytes] = []
+    start, size = 0, 0
+    for end, frame in enumerate(batch):
+        if size and size + len(frame) > _PACK_MAX:
+            messages.append(_array(batch[start:end]))
+            start, size = end, 0
+        size += len(frame) + 1
+    messages.append(_array(batch[start:]))
+    return messages
+
+
+def _array(frames: list[bytes]) -> bytes:
+    return frames[0] if len(frames) == 1 else b"[" + b",".join(frames) + b"]"
 
 
 class Connection:
@@ -119,7 +138,8 @@ class Connection:
                 if transport is None or transport.is_closing():
                     self.closing = True  # the socket is gone; the handler cleans up
                     return
-                self._write(transport, _pack(encoded))
+                for message in _pack(encoded):
+                    self._write(transport, message)
                 return
             out = self._out = []
         out.extend(encoded)
@@ -151,7 +171,8 @@ class Connection:
             while self._out and not self.closing:
                 if self._stream is None:  # no fast path: aiohttp writes (and waits) itself
                     batch, self._out, self._out_bytes = self._out, [], 0
-                    await self.ws.send_frame(_pack(batch), web.WSMsgType.TEXT)
+                    for message in _pack(batch):
+                        await self.ws.send_frame(message, web.WSMsgType.TEXT)
                     continue
                 await self._stream.drain()  # until the transport is under its high-water mark
                 if self.closing or not self._out:
@@ -160,7 +181,8 @@ class Connection:
                 if transport is None or transport.is_closing() or self.ws.closed:
                     raise ConnectionResetError("connection lost")
                 batch, self._out, self._out_bytes = self._out, None, 0
-                self._write(transport, _pack(batch))
+                for message in _pack(batch):
+                    self._write(transport, message)
         except (ConnectionError, RuntimeError) as exc:
             log.debug("send failed, dropping connection: %s", exc)
             self.closing = True

@@ -180,15 +180,15 @@ class Hub:
     async def _replay(self, conn: Connection, after: int) -> None:
         """Send the inbox after ``after`` (the store is the truth), through the sequencer."""
         page = self.config.replay_page
-        # A backlog must not trip the slow-consumer bound: hand it over in slices, each
-        # once the previous one has reached the socket.
+        # A backlog must not trip the slow-consumer bound: hand it over a page at a time
+        # (one WebSocket message while the socket keeps up), waiting for what is queued
+        # to reach the socket once it passes a quarter of the bound.
         slice_bytes = conn.buffer_limit // 4
         while not conn.closing:
             entries = await self.store.inbox_after(conn.user_id, after, page)
-            for entry in entries:
-                self._offer(conn, [entry_frame(entry)])
-                if conn.buffered > slice_bytes:
-                    await conn.wait_drained()
+            self._offer(conn, [entry_frame(entry) for entry in entries])
+            if conn.buffered > slice_bytes:
+                await conn.wait_drained()
             if len(entries) < page:
                 break
             after = entries[-1].inbox_seq
