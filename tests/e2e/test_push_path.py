@@ -1,5 +1,6 @@
-"""The push path: frames written straight to the transport arrive intact, and frames stay
-in order when the direct write and the queued (drain-waiting) write alternate."""
+"""The push path: what a loop iteration pushes is written straight to the transport as one
+message and arrives intact, and frames stay in order when that direct write and the queued
+(drain-waiting) write alternate."""
 
 from __future__ import annotations
 
@@ -71,12 +72,12 @@ async def test_direct_writes_of_every_length_class_arrive_intact(
     for n, size in enumerate(sizes):
         payload = sized_frame(n, size)
         conn.send_encoded([payload])
-        assert conn.buffered == 0 or size > 65536  # small ones left at once, no task
         message = await sock.ws.receive(timeout=10)
         assert message.type is aiohttp.WSMsgType.TEXT
         assert message.data.encode() == payload, size
-    # several frames pushed together travel as one message, a JSON array, in order
-    conn.send_encoded([sized_frame(i, 100 + i) for i in range(5)])
+    # frames pushed separately in one loop iteration travel as one message, in order
+    for i in range(5):
+        conn.send_encoded([sized_frame(i, 100 + i)])
     message = await sock.ws.receive(timeout=10)
     assert [fr["n"] for fr in json.loads(message.data)] == list(range(5))
     await sock.close()
@@ -103,25 +104,26 @@ async def test_order_holds_when_direct_and_queued_writes_alternate(
 
         sent, paths = 0, list[str]()
 
-        def push() -> None:
+        async def push() -> None:
+            """One frame per loop iteration; its flush runs before this resumes."""
             nonlocal sent
             conn.send_encoded([sized_frame(sent, 8_000)])
-            paths.append("queued" if conn.buffered else "direct")
             sent += 1
+            await asyncio.sleep(0)
+            paths.append("queued" if conn.buffered else "direct")
 
         for _ in range(3):
             for _ in range(3):  # the client keeps up: written directly
-                push()
+                await push()
             while paths[-1] == "direct" and sent < 20_000:  # until the transport pushes back
-                push()
+                await push()
             for _ in range(10):  # queued behind the ones waiting for the drain
-                push()
+                await push()
             # The client catches up while pushes keep coming, one per loop turn: some land
             # while the queue waits for the drain, some just after it, then direct again.
             catch_up = asyncio.create_task(reader.read_until(sent + 300))
             for _ in range(300):
-                push()
-                await asyncio.sleep(0)
+                await push()
             await catch_up
         total = sent
         await reader.read_until(total)
@@ -253,12 +255,13 @@ async def test_a_push_never_overtakes_the_queue_even_after_the_transport_resumes
     conn = Connection(FakeWs(), session, 1 << 20, request)  # type: ignore[arg-type]
     written = protocol.transport.written
 
-    conn.send_encoded([sized_frame(0, 100)])  # keeping up: written at once
+    conn.send_encoded([sized_frame(0, 100)])  # keeping up: written by this iteration's flush
+    await conn.wait_drained()
     assert messages(written) == [[0]] and conn.buffered == 0
     protocol.writing_paused = True  # the transport is over its high-water mark
     conn.send_encoded([sized_frame(1, 100)])
     conn.send_encoded([sized_frame(2, 100)])
-    await asyncio.sleep(0)  # the writer task waits for the drain
+    await asyncio.sleep(0)  # the flush hands over to a writer task, which awaits the drain
     assert messages(written) == [[0]] and conn.buffered > 0
     protocol.writing_paused = False  # resumed, but the writer has not run yet
     conn.send_encoded([sized_frame(3, 100)])  # must queue behind 1 and 2
@@ -267,6 +270,7 @@ async def test_a_push_never_overtakes_the_queue_even_after_the_transport_resumes
     await conn.wait_drained()
     assert messages(written) == [[0], [1, 2, 3]] and conn.buffered == 0
     conn.send_encoded([sized_frame(4, 70_000)])  # direct again, 64-bit length
+    await conn.wait_drained()
     assert messages(written) == [[0], [1, 2, 3], [4]]
 
 
@@ -281,8 +285,7 @@ async def test_the_queue_bound_still_cuts_off_a_slow_consumer() -> None:
     assert not conn.closing and conn.buffered == 6_000
     conn.send_encoded([sized_frame(1, 6_000)])  # over the bound: cut off, queue dropped
     assert conn.closing and conn.buffered == 0
-    await asyncio.sleep(0.01)
-    assert ws.close_code == CloseCode.SLOW_CONSUMER
+    await eventually(lambda: _true(ws.close_code == CloseCode.SLOW_CONSUMER))
     assert protocol.transport.written == b""  # nothing of the backlog went out
 
 

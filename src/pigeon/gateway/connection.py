@@ -1,16 +1,17 @@
 """One live WebSocket: its protocol session and a bounded send buffer.
 
-Nothing is awaited on behalf of one client by code serving others. A push that finds the
-socket keeping up is written at once, as one WebSocket message (a JSON array when it
-carries several frames), straight to the transport: no task, no await. When the transport
-pushes back (its buffer is over the high-water mark) or earlier output is still waiting,
-pushes are appended to a buffer instead, and a short-lived writer task waits for the
-transport to drain and then writes everything queued as one message. A client that stops
-reading lets that buffer grow past its bound: it is then cut off as a slow consumer, and
-the dropped pushes stay in its inbox.
+Nothing is awaited on behalf of one client by code serving others. Pushes are appended to
+the connection's buffer; the first one of a loop iteration schedules a flush (a callback,
+not a task) that writes everything pushed in that iteration as one WebSocket message (a
+JSON array when it carries several frames) straight to the transport: one write, one
+system call per socket per iteration however many frames it got. When the transport
+pushes back (its buffer is over the high-water mark), the flush hands over to a
+short-lived writer task that waits for the transport to drain and then writes everything
+queued. A client that stops reading lets the buffer grow past its bound: it is then cut
+off as a slow consumer, and the dropped pushes stay in its inbox.
 
-Frames leave in the order they were pushed: the fast path is only taken when nothing is
-queued, and the writer task empties the queue in order before the fast path resumes.
+Frames leave in the order they were pushed: one queue, emptied in order by whichever of
+the flush or the writer task runs, never both.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class Connection:
     # One per socket: no per-instance dict, and the queue exists only while used.
     __slots__ = (
         "_closer",
+        "_flushing",
         "_out",
         "_out_bytes",
         "_protocol",
@@ -105,6 +107,7 @@ class Connection:
         self.closing = False
         self._out: list[bytes] | None = None
         self._out_bytes = 0
+        self._flushing = False  # a flush callback is scheduled
         self._writer: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
         self._protocol: RequestHandler | None = None
@@ -131,24 +134,32 @@ class Connection:
             return
         out = self._out
         if out is None:
-            # Nothing queued: write now if the transport takes it.
-            protocol = self._protocol
-            if protocol is not None and not protocol.writing_paused and not self.ws.closed:
-                transport = protocol.transport
-                if transport is None or transport.is_closing():
-                    self.closing = True  # the socket is gone; the handler cleans up
-                    return
-                for message in _pack(encoded):
-                    self._write(transport, message)
-                return
             out = self._out = []
         out.extend(encoded)
         self._out_bytes += sum(len(e) for e in encoded)
         if self._out_bytes > self.buffer_limit:
             self.close(CloseCode.SLOW_CONSUMER, "send buffer full: resume to catch up")
             return
-        if self._writer is None:
+        if self._writer is None and not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Write what this loop iteration pushed, if the transport takes it now."""
+        self._flushing = False
+        if self.closing or not self._out or self._writer is not None:
+            return
+        protocol = self._protocol
+        if protocol is None or protocol.writing_paused or self.ws.closed:
             self._writer = asyncio.create_task(self._drain())
+            return
+        transport = protocol.transport
+        if transport is None or transport.is_closing():
+            self.closing = True  # the socket is gone; the handler cleans up
+            return
+        batch, self._out, self._out_bytes = self._out, None, 0
+        for message in _pack(batch):
+            self._write(transport, message)
 
     @staticmethod
     def _write(transport: asyncio.Transport, data: bytes) -> None:
@@ -163,8 +174,11 @@ class Connection:
         return self._out_bytes
 
     async def wait_drained(self) -> None:
-        while self._writer is not None and not self.closing:
-            await asyncio.shield(self._writer)
+        while not self.closing and (self._writer is not None or self._out):
+            if self._writer is not None:
+                await asyncio.shield(self._writer)
+            else:
+                await asyncio.sleep(0)  # the scheduled flush runs first
 
     async def _drain(self) -> None:
         try:
@@ -203,8 +217,7 @@ class Connection:
 
     async def close_after_flush(self, code: CloseCode, reason: str) -> None:
         """Deliver what is buffered (e.g. an error), then close."""
-        if self._writer is not None:
-            await asyncio.shield(self._writer)
+        await self.wait_drained()
         self.close(code, reason)
 
     async def _close(self, code: CloseCode, reason: str) -> None:
