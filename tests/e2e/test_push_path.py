@@ -282,6 +282,7 @@ async def test_the_queue_bound_still_cuts_off_a_slow_consumer() -> None:
     conn = Connection(ws, session, 10_000, request)  # type: ignore[arg-type]
     protocol.writing_paused = True
     conn.send_encoded([sized_frame(0, 6_000)])
+    await asyncio.sleep(0)  # its flush finds the transport paused: a writer waits to drain
     assert not conn.closing and conn.buffered == 6_000
     conn.send_encoded([sized_frame(1, 6_000)])  # over the bound: cut off, queue dropped
     assert conn.closing and conn.buffered == 0

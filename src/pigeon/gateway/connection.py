@@ -7,8 +7,9 @@ JSON array when it carries several frames) straight to the transport: one write,
 system call per socket per iteration however many frames it got. When the transport
 pushes back (its buffer is over the high-water mark), the flush hands over to a
 short-lived writer task that waits for the transport to drain and then writes everything
-queued. A client that stops reading lets the buffer grow past its bound: it is then cut
-off as a slow consumer, and the dropped pushes stay in its inbox.
+queued; what is pushed meanwhile counts against the buffer's bound. A client that stops
+reading lets the buffer grow past that bound: it is then cut off as a slow consumer, and
+the dropped pushes stay in its inbox.
 
 Frames leave in the order they were pushed: one queue, emptied in order by whichever of
 the flush or the writer task runs, never both.
@@ -137,16 +138,22 @@ class Connection:
             out = self._out = []
         out.extend(encoded)
         self._out_bytes += sum(len(e) for e in encoded)
-        if self._out_bytes > self.buffer_limit:
-            self.close(CloseCode.SLOW_CONSUMER, "send buffer full: resume to catch up")
+        if self._writer is not None:  # waiting for the transport to drain
+            if self._out_bytes > self.buffer_limit:
+                self.close(CloseCode.SLOW_CONSUMER, "send buffer full: resume to catch up")
             return
-        if self._writer is None and not self._flushing:
+        if self._out_bytes >= _PACK_MAX:  # enough for a full message: no need to wait
+            self._write_out()
+        elif not self._flushing:
             self._flushing = True
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
-        """Write what this loop iteration pushed, if the transport takes it now."""
         self._flushing = False
+        self._write_out()
+
+    def _write_out(self) -> None:
+        """Write what is queued, if the transport takes it now; else start the writer."""
         if self.closing or not self._out or self._writer is not None:
             return
         protocol = self._protocol
