@@ -13,6 +13,8 @@ leases, group commit), made safe for many processes on one database:
   (free, expired, or already its own) with ``FOR UPDATE SKIP LOCKED``, writes the entries, and
   extends or frees the lease, all in one transaction: the lock is the fence, so a worker whose
   lease was taken over commits nothing for that conversation.
+* Sends: a batch locks its conversations (id order), then its senders' member rows
+  ((conv_id, user_id) order), inside one call of ``pigeon_send`` (0005 migration).
 * Acks: queued acks are applied in bulk by one call of the ``pigeon_ack`` function (0004
   migration), one round trip and one short transaction per batch, with a transaction
   advisory lock per big group around its aggregate receipt.
@@ -22,9 +24,10 @@ leases, group commit), made safe for many processes on one database:
 * Deadlocks and serialisation failures (which the lock ordering makes rare) are retried.
 
 Group commit: ``send_message`` calls queue up and one task commits everything queued (up to
-``MAX_SEND_BATCH``) in one transaction with a handful of statements over arrays
-(research/limits.md, 3b: batches of 100-1000 reach 30-50k rows/s, against 2-5k for one row per
-transaction).
+``MAX_SEND_BATCH``) in one call of the ``pigeon_send`` function (0005 migration): one round
+trip and one short transaction over arrays, so the conversation row locks are held only while
+the function runs (research/limits.md, 3b: batches of 100-1000 reach 30-50k rows/s, against
+2-5k for one row per transaction).
 
 Connection trouble (refused, reset, server restarting, pool exhausted) raises `Unavailable`;
 the pool replaces broken connections on later calls, so the store recovers by itself.
@@ -34,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import json
 import time
 from collections import deque
@@ -81,6 +83,9 @@ Txn = Callable[[Conn], Awaitable[T]]
 MAX_SEND_BATCH = 512
 #: Most acks applied together by one call of the ``pigeon_ack`` function (0004 migration).
 MAX_ACK_BATCH = 256
+#: ``out_code`` of a ``pigeon_send`` row (0005 migration): sent, duplicate, not a member.
+_SEND_DUPLICATE = 1
+_SEND_NOT_MEMBER = 2
 #: Inbox rows at or above this go in with COPY, below with one INSERT over arrays (3b).
 COPY_THRESHOLD = 256
 #: How long a call waits for a free pooled connection before answering Unavailable.
@@ -196,6 +201,14 @@ class PostgresStore:
     async def _call(self, query: str, *args: Any) -> list[Row]:
         """One statement in its own implicit transaction (no BEGIN and COMMIT round trips),
         retried on deadlock; database errors become StoreErrors."""
+        try:
+            return await self._statement(query, *args)
+        except asyncpg.PostgresError as exc:
+            raise _map_error(exc) from exc
+
+    async def _statement(self, query: str, *args: Any) -> list[Row]:
+        """One statement in its own implicit transaction, retried on deadlock; other
+        database errors are raised as they are."""
         for attempt in range(TXN_ATTEMPTS):
             try:
                 async with self._connection() as conn:
@@ -204,8 +217,6 @@ class PostgresStore:
                 if attempt == TXN_ATTEMPTS - 1:
                     raise Unavailable("too much contention; try again") from None
                 await asyncio.sleep(0.01 * (attempt + 1))
-            except asyncpg.PostgresError as exc:
-                raise _map_error(exc) from exc
         raise AssertionError("unreachable")
 
     async def _transaction(self, fn: Txn[T]) -> T:
@@ -597,7 +608,7 @@ class PostgresStore:
         self, work: list[tuple[SendRequest, int]]
     ) -> list[SendResult | StoreError]:
         try:
-            return await self._transaction(lambda conn: self._send_batch(conn, work))
+            return await self._send_batch(work)
         except asyncpg.PostgresError:
             if len(work) == 1:
                 raise
@@ -606,45 +617,50 @@ class PostgresStore:
         outcomes: list[SendResult | StoreError] = []
         for item in work:
             try:
-                outcomes += await self._transaction(functools.partial(self._send_one, item))
+                outcomes += await self._send_batch([item])
             except asyncpg.PostgresError as exc:
                 outcomes.append(_map_error(exc))
         return outcomes
 
-    async def _send_one(
-        self, item: tuple[SendRequest, int], conn: Conn
-    ) -> list[SendResult | StoreError]:
-        return await self._send_batch(conn, [item])
-
     async def _send_batch(
-        self, conn: Conn, work: list[tuple[SendRequest, int]]
+        self, work: list[tuple[SendRequest, int]]
     ) -> list[SendResult | StoreError]:
-        """Validate and write a batch of sends; a failing request yields its error, writes
+        """Validate and write a batch of sends in one call of the ``pigeon_send`` function
+        (0005 migration): one round trip and one short transaction, whose conversation row
+        locks last only while the function runs. A failing request yields its error, writes
         nothing, and does not affect the others."""
         now = self._clock()
         fits = [len(req.body) <= max_body for req, max_body in work]
         requests = [req for (req, _), ok in zip(work, fits, strict=True) if ok]
-        # Lock first, read after: a concurrent membership change or retry of the same send
-        # in another process has then either committed (and is seen) or waits for us.
-        await _lock_conversations(conn, {r.conv_id for r in requests})
-        prior = await _find_sent(conn, requests)
-        members = await _existing_members(conn, requests)
-        plan = _SendPlan(now)
+        rows: list[Row] = []
+        if requests:
+            rows = await self._statement(
+                "SELECT * FROM pigeon_send($1::bigint[], $2::bigint[], $3::bigint[],"
+                " $4::text[], $5::text[], $6::text[], $7::float8)",
+                [r.conv_id for r in requests],
+                [r.sender_id for r in requests],
+                [r.sender_device for r in requests],
+                [r.client_id for r in requests],
+                [r.kind for r in requests],
+                [r.body for r in requests],
+                float(now),
+            )
+        answers = iter(rows)
+        outcomes: list[SendResult | StoreError] = []
         for (req, max_body), ok in zip(work, fits, strict=True):
             if not ok:
-                plan.fail(LimitExceeded(f"body longer than {max_body} characters"))
-            elif (req.sender_device, req.client_id) in prior:
-                # A retry returns the original result, even if membership changed since.
-                original = prior[(req.sender_device, req.client_id)]
-                plan.done(dataclasses.replace(original, duplicate=True))
-            elif (req.conv_id, req.sender_id) not in members:
-                plan.fail(NotMember(f"not a member of conversation {req.conv_id}"))
+                outcomes.append(LimitExceeded(f"body longer than {max_body} characters"))
+                continue
+            code, conv_id, seq, ts = next(answers)
+            if code == _SEND_NOT_MEMBER:
+                outcomes.append(NotMember(f"not a member of conversation {req.conv_id}"))
             else:
-                plan.accept(req)
-        last_seqs = await _allocate_seqs(conn, plan.counts(), now)
-        messages = plan.assign(last_seqs)
-        await _store_messages(conn, messages)
-        return plan.outcomes()
+                # A duplicate returns the original result, even if membership changed since.
+                duplicate = code == _SEND_DUPLICATE
+                outcomes.append(
+                    SendResult(int(conv_id), int(seq), float(ts), req.client_id, duplicate)
+                )
+        return outcomes
 
     # -- fan-out -------------------------------------------------------------------------
 
@@ -917,70 +933,6 @@ def _fresh(exc: Exception) -> Exception:
 class _ConversationFanout:
     messages: int  # how many messages were fanned out
     remaining: bool  # jobs left in the conversation
-
-
-class _SendPlan:
-    """The outcome of each request of a send batch, in order, while seqs are allocated.
-
-    Accepted requests get their seq only once the conversation counters were moved; a
-    repeat of an accepted request within the batch (same device and client_id) shares it.
-    """
-
-    def __init__(self, now: float) -> None:
-        self._now = now
-        self._slots: list[SendResult | StoreError | SendRequest | int] = []
-        self._accepted: dict[tuple[int, str], int] = {}  # key -> slot of the original
-
-    def fail(self, error: StoreError) -> None:
-        self._slots.append(error)
-
-    def done(self, result: SendResult) -> None:
-        self._slots.append(result)
-
-    def accept(self, req: SendRequest) -> None:
-        key = (req.sender_device, req.client_id)
-        original = self._accepted.get(key) if req.sender_device != 0 else None
-        if original is not None:
-            self._slots.append(original)  # a repeat: refers to the original's slot
-            return
-        self._accepted[key] = len(self._slots)
-        self._slots.append(req)
-
-    def counts(self) -> dict[int, int]:
-        """How many new messages each conversation gets."""
-        counts: dict[int, int] = {}
-        for slot in self._slots:
-            if isinstance(slot, SendRequest):
-                counts[slot.conv_id] = counts.get(slot.conv_id, 0) + 1
-        return counts
-
-    def assign(self, last_seqs: dict[int, int]) -> list[Message]:
-        """Turn accepted requests into messages, given each conversation's new last seq."""
-        counts = self.counts()
-        next_seq = {conv: last - counts[conv] + 1 for conv, last in last_seqs.items()}
-        messages: list[Message] = []
-        for index, slot in enumerate(self._slots):
-            if isinstance(slot, SendRequest):
-                seq = next_seq[slot.conv_id]
-                next_seq[slot.conv_id] += 1
-                fields = (slot.sender_id, slot.sender_device, slot.client_id, slot.kind)
-                messages.append(Message(slot.conv_id, seq, *fields, slot.body, ts=self._now))
-                self._slots[index] = SendResult(
-                    slot.conv_id, seq, self._now, slot.client_id, duplicate=False
-                )
-        return messages
-
-    def outcomes(self) -> list[SendResult | StoreError]:
-        resolved: list[SendResult | StoreError] = []
-        for slot in self._slots:
-            if isinstance(slot, int):
-                original = self._slots[slot]
-                assert isinstance(original, SendResult)
-                resolved.append(dataclasses.replace(original, duplicate=True))
-            else:
-                assert not isinstance(slot, SendRequest), "assign() first"
-                resolved.append(slot)
-        return resolved
 
 
 class _InboxAppender:
@@ -1263,68 +1215,6 @@ async def _lock_members(conn: Conn, conv_id: int, user_ids: Sequence[int]) -> No
         conv_id,
         sorted(set(user_ids)),
     )
-
-
-async def _lock_conversations(conn: Conn, conv_ids: Iterable[int]) -> None:
-    """Lock conversation rows in id order, so two batches cannot deadlock on them."""
-    ids = sorted(conv_ids)
-    if ids:
-        await conn.execute(
-            "SELECT 1 FROM conversations WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE",
-            ids,
-        )
-
-
-async def _allocate_seqs(conn: Conn, counts: dict[int, int], now: float) -> dict[int, int]:
-    """Move each conversation's ``last_seq`` by its count; return the new last seqs."""
-    if not counts:
-        return {}
-    rows = await conn.fetch(
-        "UPDATE conversations c SET last_seq = c.last_seq + n.count, last_activity = $3"
-        " FROM unnest($1::bigint[], $2::bigint[]) AS n(id, count) WHERE c.id = n.id"
-        " RETURNING c.id, c.last_seq",
-        list(counts),
-        list(counts.values()),
-        now,
-    )
-    return {int(r[0]): int(r[1]) for r in rows}
-
-
-async def _find_sent(
-    conn: Conn, requests: Sequence[SendRequest]
-) -> dict[tuple[int, str], SendResult]:
-    """Already committed sends among ``requests``, by (sender_device, client_id)."""
-    keys = list({(r.sender_device, r.client_id) for r in requests if r.sender_device != 0})
-    if not keys:
-        return {}
-    # "sender_device <> 0" lets PostgreSQL use the partial unique index.
-    rows = await conn.fetch(
-        "SELECT m.sender_device, m.client_id, m.conv_id, m.seq, m.ts FROM messages m"
-        " JOIN unnest($1::bigint[], $2::text[]) AS k(device, client_id)"
-        " ON m.sender_device = k.device AND m.client_id = k.client_id"
-        " WHERE m.sender_device <> 0",
-        *_columns(keys, 2),
-    )
-    return {
-        (int(r[0]), str(r[1])): SendResult(
-            int(r[2]), int(r[3]), float(r[4]), str(r[1]), duplicate=False
-        )
-        for r in rows
-    }
-
-
-async def _existing_members(conn: Conn, requests: Sequence[SendRequest]) -> set[tuple[int, int]]:
-    """The (conv_id, user_id) pairs among the senders of ``requests`` that are members."""
-    pairs = list({(r.conv_id, r.sender_id) for r in requests})
-    if not pairs:
-        return set()
-    rows = await conn.fetch(
-        "SELECT m.conv_id, m.user_id FROM members m"
-        " JOIN unnest($1::bigint[], $2::bigint[]) AS p(conv_id, user_id)"
-        " ON m.conv_id = p.conv_id AND m.user_id = p.user_id",
-        *_columns(pairs, 2),
-    )
-    return {(int(r[0]), int(r[1])) for r in rows}
 
 
 async def _store_messages(conn: Conn, messages: list[Message]) -> None:
