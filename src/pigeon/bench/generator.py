@@ -29,6 +29,7 @@ import msgspec
 
 from pigeon.bench.metrics import SATURATED, CpuMeter, raise_nofile
 from pigeon.bench.target import Account
+from pigeon.runtime import tune_gc_for_serving
 
 
 class In(msgspec.Struct):
@@ -298,6 +299,9 @@ def _shard_main(spec: ShardSpec, pipe: Pipe) -> None:
     run: ShardFn = SCENARIOS[spec.scenario].shard
 
     async def main() -> None:
+        # A long-running process holding many sockets, like the server: its collector's
+        # pauses would otherwise count as message latency.
+        tune_gc_for_serving()
         link = Link(pipe)
         try:
             result = await run(spec, link)
