@@ -29,7 +29,7 @@ import pathlib
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar, cast
 
@@ -1087,21 +1087,19 @@ def _highest_acked(
     conn: sqlite3.Connection, ranges: list[tuple[int, int, int]]
 ) -> dict[int, dict[int, int]]:
     """conv -> user -> the highest message seq in the users' acked inbox ranges
-    ``(user, after, up_to)``: delivered is cumulative. One indexed join per 300 ranges."""
+    ``(user, after, up_to)``: delivered is cumulative, in indexed joins."""
     delivered: dict[int, dict[int, int]] = {}
-    for start in range(0, len(ranges), 300):
-        chunk = ranges[start : start + 300]
-        values = ", ".join("(?, ?, ?)" for _ in chunk)
-        rows = conn.execute(
-            f"SELECT r.column1, i.conv_id, MAX(i.msg_seq) FROM (VALUES {values}) AS r"
-            " JOIN inbox i ON i.user_id = r.column1 AND i.inbox_seq > r.column2"
-            " AND i.inbox_seq <= r.column3 WHERE i.msg_seq IS NOT NULL"
-            " GROUP BY r.column1, i.conv_id",
-            [part for key in chunk for part in key],
-        )
-        for user_id, conv_id, seq in rows:
-            users = delivered.setdefault(int(conv_id), {})
-            users[int(user_id)] = max(users.get(int(user_id), 0), int(seq))
+    rows = _rows_for_keys(
+        conn,
+        "SELECT k.column1, i.conv_id, MAX(i.msg_seq) FROM {keys}"
+        " JOIN inbox i ON i.user_id = k.column1 AND i.inbox_seq > k.column2"
+        " AND i.inbox_seq <= k.column3 WHERE i.msg_seq IS NOT NULL"
+        " GROUP BY k.column1, i.conv_id",
+        ranges,
+    )
+    for user_id, conv_id, seq in rows:
+        users = delivered.setdefault(int(conv_id), {})
+        users[int(user_id)] = max(users.get(int(user_id), 0), int(seq))
     return delivered
 
 
@@ -1154,19 +1152,14 @@ def _devices_with_heads(
     conn: sqlite3.Connection, device_ids: list[int]
 ) -> dict[int, tuple[int, int, int]]:
     """device -> (user, cursor, user's inbox head), for devices not revoked."""
-    found: dict[int, tuple[int, int, int]] = {}
-    for start in range(0, len(device_ids), 500):
-        chunk = device_ids[start : start + 500]
-        values = ", ".join("(?)" for _ in chunk)
-        rows = conn.execute(
-            "SELECT d.id, d.user_id, d.cursor, u.inbox_head"
-            f" FROM (VALUES {values}) AS k JOIN devices d ON d.id = k.column1"
-            " JOIN users u ON u.id = d.user_id WHERE d.revoked_at IS NULL",
-            chunk,
-        )
-        for device_id, user_id, cursor, head in rows:
-            found[int(device_id)] = (int(user_id), int(cursor), int(head))
-    return found
+    rows = _rows_for_keys(
+        conn,
+        "SELECT d.id, d.user_id, d.cursor, u.inbox_head FROM {keys}"
+        " JOIN devices d ON d.id = k.column1 JOIN users u ON u.id = d.user_id"
+        " WHERE d.revoked_at IS NULL",
+        [(device,) for device in device_ids],
+    )
+    return {int(d): (int(user), int(cursor), int(head)) for d, user, cursor, head in rows}
 
 
 def _advance_group(
@@ -1179,19 +1172,17 @@ def _advance_group(
     """`_advance` for many members of a big group at once: their delivered positions move
     in one statement, and the senders hear of it only if the aggregate moved."""
     before = _aggregate(conn, conv_id)
-    users = sorted(delivered_to)
     updates: list[tuple[int, int, int, int]] = []
-    for start in range(0, len(users), 500):
-        chunk = users[start : start + 500]
-        rows = conn.execute(
-            "SELECT user_id, delivered_seq, read_seq FROM members"
-            f" WHERE conv_id = ? AND user_id IN ({', '.join('?' for _ in chunk)})",
-            (conv_id, *chunk),
-        )
-        for user_id, delivered, read in rows:
-            new = receipts.advance((int(delivered), int(read)), delivered_to[int(user_id)], 0)
-            if new is not None:
-                updates.append((*new, conv_id, int(user_id)))
+    rows = _rows_for_keys(
+        conn,
+        "SELECT m.user_id, m.delivered_seq, m.read_seq FROM {keys}"
+        " JOIN members m ON m.conv_id = k.column1 AND m.user_id = k.column2",
+        [(conv_id, user) for user in sorted(delivered_to)],
+    )
+    for user_id, delivered, read in rows:
+        new = receipts.advance((int(delivered), int(read)), delivered_to[int(user_id)], 0)
+        if new is not None:
+            updates.append((*new, conv_id, int(user_id)))
     if not updates:
         return
     conn.executemany(
@@ -1289,16 +1280,12 @@ def _queue_fanout(conn: sqlite3.Connection, messages: list[Message]) -> None:
 
 def _convs_with_jobs(conn: sqlite3.Connection, conv_ids: list[int]) -> set[int]:
     """The conversations among ``conv_ids`` with messages still queued for fan-out."""
-    found: set[int] = set()
-    for start in range(0, len(conv_ids), 500):
-        chunk = conv_ids[start : start + 500]
-        rows = conn.execute(
-            "SELECT DISTINCT conv_id FROM fanout_jobs"
-            f" WHERE conv_id IN ({', '.join('?' * len(chunk))})",
-            chunk,
-        )
-        found.update(int(r[0]) for r in rows)
-    return found
+    rows = _rows_for_keys(
+        conn,
+        "SELECT DISTINCT j.conv_id FROM {keys} JOIN fanout_jobs j ON j.conv_id = k.column1",
+        [(conv,) for conv in conv_ids],
+    )
+    return {int(conv) for (conv,) in rows}
 
 
 def _fan_out_now(
@@ -1311,20 +1298,17 @@ def _fan_out_now(
     """
     if not messages:
         return []
-    conv_ids = sorted({m.conv_id for m in messages})
     members: dict[int, list[int]] = {}
     heads: dict[int, int] = {}
-    for start in range(0, len(conv_ids), 500):
-        chunk = conv_ids[start : start + 500]
-        rows = conn.execute(
-            "SELECT m.conv_id, m.user_id, u.inbox_head FROM members m"
-            " JOIN users u ON u.id = m.user_id"
-            f" WHERE m.conv_id IN ({', '.join('?' * len(chunk))})",
-            chunk,
-        )
-        for conv_id, user_id, head in rows:
-            members.setdefault(conv_id, []).append(user_id)
-            heads[user_id] = head
+    rows = _rows_for_keys(
+        conn,
+        "SELECT m.conv_id, m.user_id, u.inbox_head FROM {keys}"
+        " JOIN members m ON m.conv_id = k.column1 JOIN users u ON u.id = m.user_id",
+        [(conv,) for conv in sorted({m.conv_id for m in messages})],
+    )
+    for conv_id, user_id, head in rows:
+        members.setdefault(conv_id, []).append(user_id)
+        heads[user_id] = head
     inbox = _InboxAppender(conn)
     inbox.seed(heads)
     fanned_out = [
@@ -1337,52 +1321,62 @@ def _fan_out_now(
 
 def _last_seqs(conn: sqlite3.Connection, conv_ids: list[int]) -> dict[int, int]:
     """conv -> its last seq, for those of ``conv_ids`` that exist."""
-    found: dict[int, int] = {}
-    for start in range(0, len(conv_ids), 500):
-        chunk = conv_ids[start : start + 500]
-        rows = conn.execute(
-            f"SELECT id, last_seq FROM conversations WHERE id IN ({', '.join('?' * len(chunk))})",
-            chunk,
-        )
-        found.update((int(conv), int(seq)) for conv, seq in rows)
-    return found
+    rows = _rows_for_keys(
+        conn,
+        "SELECT c.id, c.last_seq FROM {keys} JOIN conversations c ON c.id = k.column1",
+        [(conv,) for conv in conv_ids],
+    )
+    return {int(conv): int(seq) for conv, seq in rows}
 
 
 def _memberships(conn: sqlite3.Connection, pairs: list[tuple[int, int]]) -> set[tuple[int, int]]:
-    """Those ``(conv, user)`` pairs where the user is a member, in one query per 400."""
-    found: set[tuple[int, int]] = set()
-    for start in range(0, len(pairs), 400):
-        chunk = pairs[start : start + 400]
-        values = ", ".join("(?, ?)" for _ in chunk)
-        rows = conn.execute(
-            f"SELECT m.conv_id, m.user_id FROM (VALUES {values}) AS k"
-            " JOIN members m ON m.conv_id = k.column1 AND m.user_id = k.column2",
-            [part for pair in chunk for part in pair],
-        )
-        found.update((int(conv), int(user)) for conv, user in rows)
-    return found
+    """Those ``(conv, user)`` pairs where the user is a member."""
+    rows = _rows_for_keys(
+        conn,
+        "SELECT m.conv_id, m.user_id FROM {keys}"
+        " JOIN members m ON m.conv_id = k.column1 AND m.user_id = k.column2",
+        pairs,
+    )
+    return {(int(conv), int(user)) for conv, user in rows}
+
+
+def _rows_for_keys(
+    conn: sqlite3.Connection, query: str, keys: Sequence[tuple[Any, ...]]
+) -> Iterator[Row]:
+    """The rows of ``query`` joined with ``keys``, one statement per chunk of keys.
+
+    ``{keys}`` in the query becomes ``(VALUES (?, ...), ...) AS k``, whose columns are
+    ``k.column1``, ``k.column2``...: a join on VALUES is an index search per key (a
+    row-value IN list would scan the index). Chunks stay under SQLite's historical limit
+    of 999 parameters per statement.
+    """
+    if not keys:
+        return
+    width = len(keys[0])
+    per = 999 // width
+    row = "(" + ", ".join("?" * width) + ")"
+    for start in range(0, len(keys), per):
+        chunk = keys[start : start + per]
+        values = f"(VALUES {', '.join([row] * len(chunk))}) AS k"
+        yield from conn.execute(query.format(keys=values), [part for key in chunk for part in key])
 
 
 def _find_sent(
     conn: sqlite3.Connection, keys: list[tuple[int, str]]
 ) -> dict[tuple[int, str], SendResult]:
-    """Sends already committed under these idempotency keys, in one query per 400 keys."""
-    keys = [k for k in keys if k[0] != 0]  # system messages have no key
+    """Sends already committed under these idempotency keys."""
     found: dict[tuple[int, str], SendResult] = {}
-    for start in range(0, len(keys), 400):
-        chunk = keys[start : start + 400]
-        values = ", ".join("(?, ?)" for _ in chunk)
-        # A join on VALUES is an index search per key (a row-value IN would scan the
-        # index); "sender_device <> 0" lets SQLite use the partial unique index.
-        rows = conn.execute(
-            "SELECT m.sender_device, m.client_id, m.conv_id, m.seq, m.ts"
-            f" FROM (VALUES {values}) AS k JOIN messages m ON m.sender_device = k.column1"
-            " AND m.client_id = k.column2 AND m.sender_device <> 0",
-            [part for key in chunk for part in key],
-        )
-        for device, client_id, conv_id, seq, ts in rows:
-            key = (int(device), str(client_id))
-            found[key] = SendResult(int(conv_id), int(seq), float(ts), key[1], duplicate=False)
+    # "sender_device <> 0" lets SQLite use the partial unique index.
+    rows = _rows_for_keys(
+        conn,
+        "SELECT m.sender_device, m.client_id, m.conv_id, m.seq, m.ts FROM {keys}"
+        " JOIN messages m ON m.sender_device = k.column1 AND m.client_id = k.column2"
+        " AND m.sender_device <> 0",
+        [k for k in keys if k[0] != 0],  # system messages have no key
+    )
+    for device, client_id, conv_id, seq, ts in rows:
+        key = (int(device), str(client_id))
+        found[key] = SendResult(int(conv_id), int(seq), float(ts), key[1], duplicate=False)
     return found
 
 
