@@ -8,43 +8,18 @@ whatever its mix. Assertions hold however the acks happen to be split into batch
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections.abc import Callable, Sequence
 
 import pytest
 
 from pigeon.store.base import Store
 from pigeon.store.errors import NotFound
-from pigeon.store.models import Device, InboxEntry, SendRequest, SendResult
+from pigeon.store.models import Device, InboxEntry, SendResult
 from pigeon.store.postgres import PostgresStore
 from pigeon.store.receipts import AGGREGATE_USER, DEFAULT_DETAIL_MAX_GROUP
 
 from .conftest import FakeClock
-
-MAX_BODY = 1000
-_tokens = itertools.count()
-_client_ids = itertools.count()
-
-
-async def make_users(store: Store, *names: str) -> list[int]:
-    return [(await store.create_user(n, n.title(), f"hash-{n}")).id for n in names]
-
-
-async def make_device(store: Store, user_id: int, name: str = "phone") -> Device:
-    return await store.create_device(user_id, name, f"ack-token-{next(_tokens)}")
-
-
-async def send(store: Store, conv_id: int, user_id: int, device_id: int) -> SendResult:
-    request = SendRequest(conv_id, user_id, device_id, f"a{next(_client_ids)}", "text", "hi")
-    return await store.send_message(request, MAX_BODY)
-
-
-async def drain(store: Store) -> None:
-    while True:
-        batch = await store.fanout("w1", 100, lease_s=30)
-        await store.fanout_pushed("w1", batch.convs)
-        if not batch.more and not batch.entries:
-            return
+from .helpers import drain, make_device, make_users, send
 
 
 async def head(store: Store, user_id: int) -> int:

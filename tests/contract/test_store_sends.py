@@ -17,18 +17,9 @@ from pigeon.store.base import Store
 from pigeon.store.errors import LimitExceeded, NotMember
 from pigeon.store.models import Device, InboxEntry, SendRequest, SendResult
 
-MAX_BODY = 1000
-MAX_MEMBERS = 10
-_tokens = itertools.count()
+from .helpers import MAX_BODY, MAX_MEMBERS, drain, make_device, make_users
+
 _client_ids = itertools.count()
-
-
-async def make_users(store: Store, *names: str) -> list[int]:
-    return [(await store.create_user(n, n.title(), f"hash-{n}")).id for n in names]
-
-
-async def make_device(store: Store, user_id: int, name: str = "phone") -> Device:
-    return await store.create_device(user_id, name, f"send-token-{next(_tokens)}")
 
 
 def send(
@@ -41,14 +32,6 @@ def send(
     cid = client_id if client_id is not None else f"s{next(_client_ids)}"
     request = SendRequest(conv_id, device.user_id, device.id, cid, "text", body)
     return store.send_message(request, MAX_BODY)
-
-
-async def drain(store: Store) -> None:
-    while True:
-        batch = await store.fanout("w1", 100, lease_s=30)
-        await store.fanout_pushed("w1", batch.convs)
-        if not batch.more and not batch.entries:
-            return
 
 
 async def message_keys(store: Store, user_id: int) -> list[tuple[int, int]]:
