@@ -97,11 +97,12 @@ class Connection:
         ws: web.WebSocketResponse,
         session: Session,
         buffer_limit: int,
-        request: web.BaseRequest | None = None,
+        request: web.BaseRequest,
     ) -> None:
         """``request`` (the upgraded one) gives the connection's protocol, whose transport
-        pushes go to, and its writer, to wait for that transport to drain. Without it, or
-        with compression negotiated, every push goes through aiohttp's writer in a task."""
+        pushes go to, and its writer, to wait for that transport to drain."""
+        if ws.compress:
+            raise ValueError("pushes are written as uncompressed frames: turn compression off")
         self.ws = ws
         self.session = session
         self.buffer_limit = buffer_limit
@@ -111,10 +112,8 @@ class Connection:
         self._flushing = False  # a flush callback is scheduled
         self._writer: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
-        self._protocol: RequestHandler | None = None
-        self._stream: AbstractStreamWriter | None = None
-        if request is not None and not ws.compress:
-            self._protocol, self._stream = request.protocol, request.writer
+        self._protocol: RequestHandler = request.protocol
+        self._stream: AbstractStreamWriter = request.writer
 
     @property
     def user_id(self) -> int:
@@ -157,7 +156,7 @@ class Connection:
         if self.closing or not self._out or self._writer is not None:
             return
         protocol = self._protocol
-        if protocol is None or protocol.writing_paused or self.ws.closed:
+        if protocol.writing_paused or self.ws.closed:
             self._writer = asyncio.create_task(self._drain())
             return
         transport = protocol.transport
@@ -190,15 +189,10 @@ class Connection:
     async def _drain(self) -> None:
         try:
             while self._out and not self.closing:
-                if self._stream is None:  # no fast path: aiohttp writes (and waits) itself
-                    batch, self._out, self._out_bytes = self._out, [], 0
-                    for message in _pack(batch):
-                        await self.ws.send_frame(message, web.WSMsgType.TEXT)
-                    continue
                 await self._stream.drain()  # until the transport is under its high-water mark
                 if self.closing or not self._out:
                     break
-                transport = self._protocol.transport if self._protocol is not None else None
+                transport = self._protocol.transport
                 if transport is None or transport.is_closing() or self.ws.closed:
                     raise ConnectionResetError("connection lost")
                 batch, self._out, self._out_bytes = self._out, None, 0
