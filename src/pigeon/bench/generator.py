@@ -1,10 +1,11 @@
 """The load generator: lean raw-frame clients, run in one or more shard processes.
 
-A client is one WebSocket speaking protocol frames directly (aiohttp + msgspec), with no
+A client is one WebSocket speaking protocol frames directly (`wsclient` + msgspec), with no
 SDK bookkeeping beyond what the measurement needs: the inbox position (for acks and
-resume), and a callback per received frame. Send times travel in the message body as
-``time.monotonic()`` (one clock for every process on a Linux machine), so a receipt in any
-shard process can be timed against its send.
+resume), and a callback per received frame, run as its bytes are read (no task per
+socket). Send times travel in the message body as ``time.monotonic()`` (one clock for
+every process on a Linux machine), so a receipt in any shard process can be timed against
+its send.
 
 Shards are separate processes (``spawn``), each with its own event loop, driven by the
 parent through a pipe: ``Link.sync(name, payload)`` in a shard waits until the parent,
@@ -16,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
-import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection as Pipe
 from typing import Any
 
-import aiohttp
 import msgspec
 
+from pigeon.bench import wsclient
 from pigeon.bench.metrics import SATURATED, CpuMeter, raise_nofile
 from pigeon.bench.target import Account
+from pigeon.bench.wsclient import RawWebSocket
 from pigeon.runtime import tune_gc_for_serving
 
 
@@ -75,7 +76,6 @@ class Client:
         "inbox_gaps",
         "index",
         "position",
-        "reader",
         "ws",
     )
 
@@ -83,20 +83,21 @@ class Client:
         self.index = index
         self.account = account
         self.handler = handler
-        self.ws: aiohttp.ClientWebSocketResponse | None = None
-        self.reader: asyncio.Task[None] | None = None
+        self.ws: RawWebSocket | None = None
         self.position = 0  # last inbox position received
         self.acked = 0
         self.inbox_gaps = 0  # inbox positions that arrived out of order (server bug)
         self.errors: list[str] = []
         self.caught_up = asyncio.Event()
 
-    async def connect(self, http: aiohttp.ClientSession, resume: bool = False) -> None:
-        """Open, hello, and start reading; ``caught_up`` is set at the end of replay."""
+    @property
+    def closed(self) -> bool:
+        return self.ws is None or self.ws.closed
+
+    async def connect(self, resume: bool = False) -> None:
+        """Open and say hello; ``caught_up`` is set at the end of replay."""
         self.caught_up.clear()
-        self.ws = await http.ws_connect(
-            self.account.url + "/v1/ws", autoping=True, heartbeat=None, max_msg_size=0
-        )
+        self.ws = await wsclient.connect(self.account.url + "/v1/ws", self._on_message)
         hello: dict[str, Any] = {
             "type": "hello",
             "token": self.account.token,
@@ -104,66 +105,57 @@ class Client:
         }
         if resume:
             hello["resume_from"] = self.position
-        await self.ws.send_bytes(_encode(hello))
-        self.reader = asyncio.create_task(self._read(self.ws))
+        self.ws.send(_encode(hello))
 
-    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+    def _on_message(self, data: bytes, now: float) -> None:
+        try:
+            decoded = _decode(data)
+        except msgspec.DecodeError as exc:
+            self.errors.append(f"undecodable message: {exc}")
+            return
         handler = self.handler
-        async for message in ws:
-            if message.type is not aiohttp.WSMsgType.TEXT:
+        for frame in decoded if isinstance(decoded, list) else (decoded,):
+            if frame.inbox_seq:
+                if frame.inbox_seq != self.position + 1:
+                    self.inbox_gaps += 1
+                self.position = max(self.position, frame.inbox_seq)
+            elif frame.type == "welcome":
                 continue
-            now = time.monotonic()
-            data = _decode(message.data)
-            for frame in data if isinstance(data, list) else (data,):
-                if frame.inbox_seq:
-                    if frame.inbox_seq != self.position + 1:
-                        self.inbox_gaps += 1
-                    self.position = max(self.position, frame.inbox_seq)
-                elif frame.type == "welcome":
-                    continue
-                elif frame.type == "caught_up":
-                    self.caught_up.set()
-                    continue
-                elif frame.type == "error":
-                    self.errors.append(f"{frame.code}: {frame.message}")
-                handler(self, frame, now)
+            elif frame.type == "caught_up":
+                self.caught_up.set()
+                continue
+            elif frame.type == "error":
+                self.errors.append(f"{frame.code}: {frame.message}")
+            handler(self, frame, now)
 
-    async def send(self, conv: int, client_id: str, body: str) -> None:
-        assert self.ws is not None
-        await self.ws.send_bytes(
-            _encode({"type": "send", "conv": conv, "client_id": client_id, "body": body})
-        )
+    def send(self, conv: int, client_id: str, body: str) -> None:
+        if self.ws is not None:
+            self.ws.send(
+                _encode({"type": "send", "conv": conv, "client_id": client_id, "body": body})
+            )
 
-    async def ack(self) -> None:
-        if self.position > self.acked and self.ws is not None and not self.ws.closed:
+    def ack(self) -> None:
+        if self.position > self.acked and not self.closed:
+            assert self.ws is not None
             self.acked = self.position
-            await self.ws.send_bytes(_encode({"type": "ack", "up_to": self.position}))
+            self.ws.send(_encode({"type": "ack", "up_to": self.position}))
 
-    async def ping(self) -> None:
-        if self.ws is not None and not self.ws.closed:
-            await self.ws.send_bytes(b'{"type":"ping"}')
+    def ping(self) -> None:
+        if self.ws is not None:
+            self.ws.send(b'{"type":"ping"}')
 
     def drop(self) -> None:
         """Lose the connection abruptly (no closing handshake), as a phone losing signal."""
-        if self.ws is None:
-            return
-        conn = self.ws._conn  # aiohttp has no public abort for a client WebSocket
-        if conn is not None and conn.transport is not None:
-            conn.transport.abort()
-        else:
-            sock = self.ws.get_extra_info("socket")
-            if isinstance(sock, socket.socket):
-                sock.shutdown(socket.SHUT_RDWR)
+        if self.ws is not None:
+            self.ws.abort()
 
     async def wait_closed(self) -> None:
-        if self.reader is not None:
-            await asyncio.wait([self.reader], timeout=30)
+        if self.ws is not None:
+            await asyncio.wait([self.ws.closed_future], timeout=30)
 
     async def close(self) -> None:
         if self.ws is not None:
             await self.ws.close()
-        if self.reader is not None:
-            self.reader.cancel()
 
 
 @dataclass
@@ -182,9 +174,7 @@ class Background:
         while True:
             await asyncio.sleep(self.ack_s)
             for client in self.clients:
-                if client.position > client.acked:
-                    with contextlib.suppress(ConnectionError, RuntimeError):
-                        await client.ack()
+                client.ack()
 
     async def _pings(self) -> None:
         """Spread: each second, the clients whose slot it is."""
@@ -193,8 +183,7 @@ class Background:
         while True:
             await asyncio.sleep(1.0)
             for client in self.clients[tick % period :: period]:
-                with contextlib.suppress(ConnectionError, RuntimeError):
-                    await client.ping()
+                client.ping()
             tick += 1
 
     def stop(self) -> None:
@@ -203,7 +192,6 @@ class Background:
 
 
 async def connect_all(
-    http: aiohttp.ClientSession,
     clients: list[Client],
     concurrency: int = 200,
     tolerate: bool = False,
@@ -218,9 +206,9 @@ async def connect_all(
     async def one(client: Client) -> None:
         async with gate:
             try:
-                await client.connect(http)
+                await client.connect()
                 await asyncio.wait_for(client.caught_up.wait(), 60)
-            except (OSError, aiohttp.ClientError, TimeoutError) as exc:
+            except (OSError, TimeoutError) as exc:
                 if not tolerate:
                     raise
                 failures.append(repr(exc))
@@ -230,11 +218,6 @@ async def connect_all(
 
     await asyncio.gather(*(one(c) for c in clients))
     return failures
-
-
-def session() -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
-    return aiohttp.ClientSession(connector=connector)
 
 
 # -- shard processes and their coordination --------------------------------------------

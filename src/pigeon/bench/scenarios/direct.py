@@ -19,7 +19,6 @@ from pigeon.bench.generator import (
     ShardSpec,
     connect_all,
     sent_at,
-    session,
     stamp,
 )
 from pigeon.bench.metrics import latency_summary, timeline
@@ -122,17 +121,17 @@ class Pairs:
             self.queue.append(sender)
             self.wake.set()
 
-    async def send(self, local: int) -> None:
+    def send(self, local: int) -> None:
         self.counter[local] += 1
         self.in_flight[local] += 1
         self.sent += 1
         client = self.clients[local]
-        await client.send(self.conv(local), f"{client.index}-{self.counter[local]}", stamp())
+        client.send(self.conv(local), f"{client.index}-{self.counter[local]}", stamp())
 
     async def closed_loop(self, until: float) -> None:
         for local in range(len(self.clients)):
             for _ in range(self.window):
-                await self.send(local)
+                self.send(local)
         while time.monotonic() < until:
             self.wake.clear()
             with_timeout = asyncio.wait_for(self.wake.wait(), max(0.0, until - time.monotonic()))
@@ -143,14 +142,14 @@ class Pairs:
             queue, self.queue = self.queue, []
             for local in queue:
                 if self.in_flight[local] < self.window:
-                    await self.send(local)
+                    self.send(local)
 
     async def open_loop(self, start: float, until: float) -> None:
         turn = 0
         while (now := time.monotonic()) < until:
             due = int(self.rate * (now - start)) - self.sent
             for _ in range(max(0, due)):
-                await self.send(turn)
+                self.send(turn)
                 turn = (turn + 1) % len(self.clients)
             await asyncio.sleep(0.002)
 
@@ -158,23 +157,22 @@ class Pairs:
 async def shard(spec: ShardSpec, link: Link) -> dict[str, Any]:
     state = Pairs(spec)
     duration = float(spec.params["duration_s"])
-    async with session() as http:
-        await connect_all(http, state.clients)
-        background = Background(state.clients)
-        background.start()
-        start: float = await link.sync("connected")
-        await asyncio.sleep(max(0.0, start - time.monotonic()))
-        if state.rate:
-            await state.open_loop(start, start + duration)
-        else:
-            await state.closed_loop(start + duration)
-        state.sending = False
-        await link.sync("sent")
-        await wait_until(lambda: len(state.latencies) + state.dups >= state.sent, 10.0)
-        await wait_until(lambda: state.acked >= state.sent, 2.0)
-        background.stop()
-        for client in state.clients:
-            await client.close()
+    await connect_all(state.clients)
+    background = Background(state.clients)
+    background.start()
+    start: float = await link.sync("connected")
+    await asyncio.sleep(max(0.0, start - time.monotonic()))
+    if state.rate:
+        await state.open_loop(start, start + duration)
+    else:
+        await state.closed_loop(start + duration)
+    state.sending = False
+    await link.sync("sent")
+    await wait_until(lambda: len(state.latencies) + state.dups >= state.sent, 10.0)
+    await wait_until(lambda: state.acked >= state.sent, 2.0)
+    background.stop()
+    for client in state.clients:
+        await client.close()
     errors = [e for c in state.clients for e in c.errors]
     return {
         "sent": state.sent,

@@ -16,7 +16,6 @@ from pigeon.bench.generator import (
     ShardSpec,
     connect_all,
     sent_at,
-    session,
     stamp,
 )
 from pigeon.bench.metrics import latency_summary, timeline
@@ -131,34 +130,33 @@ class Group:
         start = time.monotonic()
         for i in range(count):
             await asyncio.sleep(max(0.0, start + i * PACE_S - time.monotonic()))
-            await self.sender.send(self.conv, f"p{i}", stamp())
+            self.sender.send(self.conv, f"p{i}", stamp())
 
     async def send_burst(self, count: int) -> None:
         assert self.sender is not None
         for i in range(count):
-            await self.sender.send(self.conv, f"b{i}", stamp())
+            self.sender.send(self.conv, f"b{i}", stamp())
 
 
 async def shard(spec: ShardSpec, link: Link) -> dict[str, Any]:
     group = Group(spec)
     paced, burst = int(spec.params["paced"]), int(spec.params["burst"])
-    async with session() as http:
-        await connect_all(http, group.clients)
-        background = Background(group.clients)
-        background.start()
-        await link.sync("connected")
-        if group.sender:
-            await group.send_paced(paced)
-        await wait_until(lambda: group.received >= paced * group.receivers, 10.0 + paced * PACE_S)
-        await link.sync("paced")
-        if group.sender:
-            await group.send_burst(burst)
-        total = (paced + burst) * group.receivers
-        await wait_until(lambda: group.received >= total, 30.0)
-        await link.sync("burst")
-        background.stop()
-        for client in group.clients:
-            await client.close()
+    await connect_all(group.clients)
+    background = Background(group.clients)
+    background.start()
+    await link.sync("connected")
+    if group.sender:
+        await group.send_paced(paced)
+    await wait_until(lambda: group.received >= paced * group.receivers, 10.0 + paced * PACE_S)
+    await link.sync("paced")
+    if group.sender:
+        await group.send_burst(burst)
+    total = (paced + burst) * group.receivers
+    await wait_until(lambda: group.received >= total, 30.0)
+    await link.sync("burst")
+    background.stop()
+    for client in group.clients:
+        await client.close()
     return {
         "paced_stats": group.stats["paced_stats"],
         "burst_stats": group.stats["burst_stats"],

@@ -9,7 +9,7 @@ import asyncio
 import time
 from typing import Any
 
-from pigeon.bench.generator import Background, Client, Link, ShardSpec, connect_all, session
+from pigeon.bench.generator import Background, Client, Link, ShardSpec, connect_all
 from pigeon.bench.scenarios.base import Params, Run, Scenario
 from pigeon.bench.target import Needs
 
@@ -69,19 +69,18 @@ def _ignore(client: Client, frame: Any, now: float) -> None:
 
 async def shard(spec: ShardSpec, link: Link) -> dict[str, Any]:
     clients = [Client(spec.first + i, a, _ignore) for i, a in enumerate(spec.accounts)]
-    async with session() as http:
-        await link.sync("ready")
-        # Pings run from the start: a big connect phase outlasts the server's 2x heartbeat.
-        background = Background(clients, ping_s=float(spec.params.get("ping_s", 15.0)))
-        background.start()
-        t0 = time.monotonic()
-        failures = await connect_all(http, clients, tolerate=True)
-        t1 = time.monotonic()
-        await link.sync("connected", {"t0": t0, "t1": t1, "failed": len(failures)})
-        background.stop()
-        dropped = sum(1 for c in clients if c.ws is None or c.ws.closed)
-        for client in clients:
-            await client.close()
+    await link.sync("ready")
+    # Pings run from the start: a big connect phase outlasts the server's 2x heartbeat.
+    background = Background(clients, ping_s=float(spec.params.get("ping_s", 15.0)))
+    background.start()
+    t0 = time.monotonic()
+    failures = await connect_all(clients, tolerate=True)
+    t1 = time.monotonic()
+    await link.sync("connected", {"t0": t0, "t1": t1, "failed": len(failures)})
+    background.stop()
+    dropped = sum(1 for c in clients if c.closed)
+    for client in clients:
+        await client.close()
     return {
         "dropped": dropped - len(failures),
         "connect_failed": len(failures),

@@ -10,7 +10,7 @@ import asyncio
 import time
 from typing import Any
 
-from pigeon.bench.generator import Client, In, Link, ShardSpec, session, stamp
+from pigeon.bench.generator import Client, In, Link, ShardSpec, stamp
 from pigeon.bench.scenarios.base import Params, Run, Scenario, wait_until
 from pigeon.bench.target import Needs
 
@@ -72,27 +72,26 @@ class Offline:
 async def shard(spec: ShardSpec, link: Link) -> dict[str, Any]:
     state = Offline(spec)
     count = int(spec.params["count"])
-    async with session() as http:
-        for client in (state.a, state.b):
-            await client.connect(http)
-            await asyncio.wait_for(client.caught_up.wait(), 30)
-        await state.b.ack()
-        await state.b.close()  # B goes offline
-        for i in range(count):
-            state.next = i
-            if i - state.acked >= WINDOW:
-                await wait_until(lambda: state.next - state.acked < WINDOW, 60.0, 0.001)
-            await state.a.send(state.conv, f"a{i}", stamp())
-        await wait_until(lambda: state.own >= count, 120.0)
-        await link.sync("stored")
-        t0 = time.monotonic()
-        await state.b.connect(http, resume=True)
-        await wait_until(lambda: len(state.seen) >= count, 120.0, 0.001)
-        caught_up = await asyncio.wait_for(state.b.caught_up.wait(), 30.0)
-        t_end = time.monotonic()
-        await link.sync("done")
-        for client in (state.a, state.b):
-            await client.close()
+    for client in (state.a, state.b):
+        await client.connect()
+        await asyncio.wait_for(client.caught_up.wait(), 30)
+    state.b.ack()
+    await state.b.close()  # B goes offline
+    for i in range(count):
+        state.next = i
+        if i - state.acked >= WINDOW:
+            await wait_until(lambda: state.next - state.acked < WINDOW, 60.0, 0.001)
+        state.a.send(state.conv, f"a{i}", stamp())
+    await wait_until(lambda: state.own >= count, 120.0)
+    await link.sync("stored")
+    t0 = time.monotonic()
+    await state.b.connect(resume=True)
+    await wait_until(lambda: len(state.seen) >= count, 120.0, 0.001)
+    caught_up = await asyncio.wait_for(state.b.caught_up.wait(), 30.0)
+    t_end = time.monotonic()
+    await link.sync("done")
+    for client in (state.a, state.b):
+        await client.close()
     return {
         "reconnect_to_first_ms": round((state.first_at - t0) * 1000, 2) if state.seen else None,
         "reconnect_to_last_ms": round((state.last_at - t0) * 1000, 2) if state.seen else None,

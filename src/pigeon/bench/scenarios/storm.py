@@ -9,9 +9,7 @@ import asyncio
 import time
 from typing import Any
 
-import aiohttp
-
-from pigeon.bench.generator import Client, In, Link, ShardSpec, connect_all, session, stamp
+from pigeon.bench.generator import Client, In, Link, ShardSpec, connect_all, stamp
 from pigeon.bench.scenarios.base import Params, Run, Scenario, wait_until
 from pigeon.bench.target import Needs
 
@@ -74,49 +72,48 @@ class Storm:
             if self.got[local] > 1:
                 self.dups += 1
 
-    async def send(self, local: int) -> None:
+    def send(self, local: int) -> None:
         client = self.clients[local]
         conv = self.directs[client.index // 2]
-        await client.send(conv, f"storm-{client.index}", stamp())
+        client.send(conv, f"storm-{client.index}", stamp())
 
-    async def reconnect(self, http: aiohttp.ClientSession, client: Client) -> float:
+    async def reconnect(self, client: Client) -> float:
         for attempt in range(20):
             try:
-                await client.connect(http, resume=True)
+                await client.connect(resume=True)
                 await asyncio.wait_for(client.caught_up.wait(), 60)
                 break
-            except (aiohttp.ClientError, TimeoutError, ConnectionError):
+            except (OSError, TimeoutError):
                 self.retries += 1
                 await asyncio.sleep(min(2.0, 0.05 * 2**attempt))
         resumed = time.monotonic()
         local = client.index - self.first
         if not self.answered[local]:
-            await self.send(local)  # the retry: same client_id
+            self.send(local)  # the retry: same client_id
         return resumed
 
 
 async def shard(spec: ShardSpec, link: Link) -> dict[str, Any]:
     state = Storm(spec)
     clients = state.clients
-    async with session() as http:
-        await connect_all(http, clients)
-        await link.sync("connected")
-        for local in range(len(clients)):
-            await state.send(local)
-        for client in clients:
-            client.drop()
-        for client in clients:
-            await client.wait_closed()
-        before = sum(state.got)
-        t0: float = await link.sync("dropped")
-        await asyncio.sleep(max(0.0, t0 - time.monotonic()))
-        resumed = await asyncio.gather(*(state.reconnect(http, c) for c in clients))
-        await wait_until(lambda: all(state.got), 60.0)
-        delivered = time.monotonic()
-        await asyncio.sleep(0.2)  # a late duplicate would show here
-        await link.sync("done", {"resumed": max(resumed), "delivered": delivered})
-        for client in clients:
-            await client.close()
+    await connect_all(clients)
+    await link.sync("connected")
+    for local in range(len(clients)):
+        state.send(local)
+    for client in clients:
+        client.drop()
+    for client in clients:
+        await client.wait_closed()
+    before = sum(state.got)
+    t0: float = await link.sync("dropped")
+    await asyncio.sleep(max(0.0, t0 - time.monotonic()))
+    resumed = await asyncio.gather(*(state.reconnect(c) for c in clients))
+    await wait_until(lambda: all(state.got), 60.0)
+    delivered = time.monotonic()
+    await asyncio.sleep(0.2)  # a late duplicate would show here
+    await link.sync("done", {"resumed": max(resumed), "delivered": delivered})
+    for client in clients:
+        await client.close()
     return {
         "before": before,
         "retries": state.retries,
