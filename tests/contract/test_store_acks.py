@@ -106,6 +106,34 @@ async def test_ack_batch_with_revoked_and_unknown_devices(store: Store, clock: F
     assert members[carol].delivered_seq == 0 and members[bob].delivered_seq == sent.seq
 
 
+async def test_ack_many_answers_each_pair_in_order(store: Store) -> None:
+    """One `ack_many` call: each pair gets its own outcome, in order; the failing ones
+    (revoked, unknown, impossible ids) change nothing, the others move and tell."""
+    alice, bob, carol, dave = await make_users(store, "alice", "bob", "carol", "dave")
+    a_phone = await make_device(store, alice)
+    b_phone, c_phone, d_phone = [await make_device(store, u) for u in (bob, carol, dave)]
+    group = await store.create_group(alice, "G", [bob, carol, dave], 10)
+    sent = await send(store, group.id, alice, a_phone.id)  # 2
+    await drain(store)
+    assert await store.revoke_device(carol, c_phone.id)
+    alice_head = await head(store, alice)
+    outcomes = await store.ack_many(
+        [(b_phone.id, 2), (c_phone.id, 2), (-1, 2), (10_000_000, 2), (d_phone.id, 99)]
+    )
+    assert len(outcomes) == 5
+    assert [type(o) for o in outcomes[1:4]] == [NotFound, NotFound, NotFound]
+    assert isinstance(outcomes[0], list) and isinstance(outcomes[4], list)
+    told = sorted(flat(outcomes), key=key)
+    assert told == await receipt_entries(store, alice, alice_head)
+    assert {e.receipt.user_id for e in told if e.receipt is not None} == {bob, dave}
+    assert await cursor(store, b_phone) == 2 and await cursor(store, d_phone) == 2  # clamped
+    assert await cursor(store, c_phone) == 0
+    members = {m.user_id: m for m in await store.receipts(group.id, alice)}
+    assert members[bob].delivered_seq == members[dave].delivered_seq == sent.seq
+    assert members[carol].delivered_seq == 0
+    assert await store.ack_many([]) == []
+
+
 async def test_small_group_acks_at_once_tell_each_sender_per_member(store: Store) -> None:
     alice, bob, carol, dave = await make_users(store, "alice", "bob", "carol", "dave")
     devices = {u: await make_device(store, u) for u in (alice, bob, carol, dave)}

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 from pigeon.auth import token_hash
 from pigeon.bus.base import Bus
@@ -25,9 +25,11 @@ from pigeon.protocol.codes import CloseCode, ErrorCode
 from pigeon.protocol.session import Close, Ignore, Reply, Session, error
 from pigeon.store import errors as se
 from pigeon.store.base import Store
-from pigeon.store.models import SendRequest
+from pigeon.store.models import InboxEntry, SendRequest
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: How long a gap in a connection's inbox may stay open before it is filled from the store.
 GAP_WAIT_S = 0.2
@@ -71,7 +73,8 @@ class Hub:
         self._by_user: dict[int, list[Connection]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._gap_fills: dict[Connection, asyncio.Task[None]] = {}
-        self._ack_pending: dict[Connection, int] = {}
+        self._ack_pending: dict[Connection, int] = {}  # socket -> highest ack not written
+        self._ack_flusher: asyncio.Task[None] | None = None
         self.accepting = True
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -93,10 +96,11 @@ class Hub:
             await asyncio.wait(pending, timeout=grace_s)
         await self.bus.unsubscribe(self.gateway_id)
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def committed(self) -> None:
         """A message was committed here: wake the in-process fan-out worker, if any."""
@@ -214,29 +218,36 @@ class Hub:
             self.committed()
 
     def _queue_ack(self, conn: Connection, up_to: int) -> None:
-        """Acks are cumulative: keep only the highest, and write at most one per socket per
-        `ack_flush_s`. Each write costs a transaction and moves receipts; a client acking
-        every message would otherwise cost one of each per message it receives."""
-        running = conn in self._ack_pending
-        self._ack_pending[conn] = up_to
-        if not running:
-            self._spawn(self._flush_acks(conn))
+        """Acks are cumulative: keep only each socket's highest, and write every socket's
+        at once, at most every `ack_flush_s`. Each write costs a transaction and moves
+        receipts; a client acking every message would otherwise cost one of each per
+        message it receives, and a big group's members one task each per message."""
+        if up_to > self._ack_pending.get(conn, 0):
+            self._ack_pending[conn] = up_to
+        if self._ack_flusher is None:
+            self._ack_flusher = self._spawn(self._flush_acks())
 
-    async def _flush_acks(self, conn: Connection) -> None:
-        written = 0
+    async def _flush_acks(self) -> None:
+        """Write the pending acks, once per `ack_flush_s`, until none come in."""
         try:
-            while True:
+            while self._ack_pending:
                 await asyncio.sleep(self.config.ack_flush_s)  # gather acks, not a sync point
-                up_to = self._ack_pending.get(conn, written)
-                if up_to <= written:
-                    break
-                receipts = await self.store.ack(conn.device_id, up_to)
-                written = up_to
+                acks, self._ack_pending = self._ack_pending, {}
+                outcomes: list[list[InboxEntry] | se.StoreError]
+                try:
+                    pairs = [(conn.device_id, up_to) for conn, up_to in acks.items()]
+                    outcomes = await self.store.ack_many(pairs)
+                except se.StoreError as exc:  # the whole write failed (store unreachable...)
+                    outcomes = [exc] * len(acks)
+                receipts: list[InboxEntry] = []
+                for conn, outcome in zip(acks, outcomes, strict=True):
+                    if isinstance(outcome, se.StoreError):
+                        conn.send(store_error_reply(outcome, None).frame)
+                    else:
+                        receipts += outcome
                 await self.router.deliver_entries(receipts)
-        except se.StoreError as exc:
-            conn.send(store_error_reply(exc, None).frame)
         finally:
-            self._ack_pending.pop(conn, None)
+            self._ack_flusher = None
 
     async def _read(self, conn: Connection, frame: f.Read) -> None:
         receipts = await self.store.mark_read(conn.user_id, frame.conv, frame.up_to_seq)

@@ -22,8 +22,10 @@ Contract, for every implementation:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
+from pigeon.store.errors import StoreError
 from pigeon.store.models import (
     Conversation,
     ConversationSummary,
@@ -165,6 +167,13 @@ class Store(Protocol):
         """Move the device's cursor to ``up_to`` (never backwards; clamped to the inbox head);
         the acked messages become ``delivered`` for the device's user. Returns the receipt
         entries this appended to other users' inboxes."""
+
+    async def ack_many(
+        self, acks: Sequence[tuple[int, int]]
+    ) -> list[list[InboxEntry] | StoreError]:
+        """``ack(device_id, up_to)`` for each pair, applied together; one outcome per pair,
+        in order: its receipt entries, or the error that failed it alone (NotFound for an
+        unknown or revoked device)."""
 
     async def mark_read(self, user_id: int, conv_id: int, up_to_seq: int) -> list[InboxEntry]:
         """Move the member's read (and delivered) position up to ``up_to_seq``. Raises

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
+
 
 class StoreError(Exception):
     """Base class: the operation changed nothing."""
@@ -33,3 +39,15 @@ class BadPosition(StoreError):
 
 class Unavailable(StoreError):
     """The database cannot be reached or is overloaded; the same call may succeed later."""
+
+
+async def settled(futures: Sequence[asyncio.Future[T]]) -> list[T | StoreError]:
+    """Wait for every future: a `StoreError` is that item's outcome, anything else that
+    failed one is raised (as the single-item call would have)."""
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    outcomes: list[T | StoreError] = []
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(result, StoreError):
+            raise result
+        outcomes.append(result)
+    return outcomes

@@ -56,6 +56,7 @@ from pigeon.store.errors import (
     NotMember,
     StoreError,
     Unavailable,
+    settled,
 )
 from pigeon.store.models import (
     Conversation,
@@ -773,16 +774,28 @@ class PostgresStore:
         return InboxBounds(floor=int(row[0]), head=int(row[1]))
 
     async def ack(self, device_id: int, up_to: int) -> list[InboxEntry]:
+        (outcome,) = await self.ack_many([(device_id, up_to)])
+        if isinstance(outcome, StoreError):
+            raise outcome
+        return outcome
+
+    async def ack_many(
+        self, acks: Sequence[tuple[int, int]]
+    ) -> list[list[InboxEntry] | StoreError]:
         """Queued and applied in bulk with the other acks queued meanwhile (`_ack_loop`)."""
-        if not 0 < device_id <= _MAX_BIGINT:  # could not be passed in the batch's array
-            raise NotFound(f"no device {device_id}")
-        up_to = max(0, min(up_to, _MAX_BIGINT))  # the same answer: no head is beyond this
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[InboxEntry]] = loop.create_future()
-        self._ack_queue.append(_PendingAck(device_id, up_to, future))
-        if self._ack_task is None or self._ack_task.done():
+        futures: list[asyncio.Future[list[InboxEntry]]] = []
+        for device_id, up_to in acks:
+            future: asyncio.Future[list[InboxEntry]] = loop.create_future()
+            futures.append(future)
+            if not 0 < device_id <= _MAX_BIGINT:  # could not be passed in the batch's array
+                future.set_exception(NotFound(f"no device {device_id}"))
+                continue
+            up_to = max(0, min(up_to, _MAX_BIGINT))  # the same answer: no head is beyond this
+            self._ack_queue.append(_PendingAck(device_id, up_to, future))
+        if self._ack_queue and (self._ack_task is None or self._ack_task.done()):
             self._ack_task = loop.create_task(self._ack_loop())
-        return await future
+        return await settled(futures)
 
     async def _ack_loop(self) -> None:
         """Apply queued acks, many per call, until the queue is empty.

@@ -44,6 +44,7 @@ from pigeon.store.errors import (
     NotMember,
     StoreError,
     Unavailable,
+    settled,
 )
 from pigeon.store.models import (
     Conversation,
@@ -827,12 +828,24 @@ class SqliteStore:
         return await self._read(txn)
 
     async def ack(self, device_id: int, up_to: int) -> list[InboxEntry]:
+        (outcome,) = await self.ack_many([(device_id, up_to)])
+        if isinstance(outcome, StoreError):
+            raise outcome
+        return outcome
+
+    async def ack_many(
+        self, acks: Sequence[tuple[int, int]]
+    ) -> list[list[InboxEntry] | StoreError]:
         """Queued and applied with every other ack of the round at once (`_apply_acks`):
         a big group acks each message from every member's device."""
-        future: asyncio.Future[list[InboxEntry]] = asyncio.get_running_loop().create_future()
-        self._ack_queue.append((device_id, up_to, future))
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[list[InboxEntry]]] = []
+        for device_id, up_to in acks:
+            future: asyncio.Future[list[InboxEntry]] = loop.create_future()
+            self._ack_queue.append((device_id, up_to, future))
+            futures.append(future)
         self._kick_writer()
-        return await future
+        return await settled(futures)
 
     def _apply_acks(
         self, conn: sqlite3.Connection, acks: list[tuple[int, int]]
