@@ -28,7 +28,7 @@ def send(
     device: Device,
     body: str = "hi",
     client_id: str | None = None,
-) -> Coroutine[Any, Any, SendResult]:
+) -> asyncio.Future[SendResult]:
     cid = client_id if client_id is not None else f"s{next(_client_ids)}"
     request = SendRequest(conv_id, device.user_id, device.id, cid, "text", body)
     return store.send_message(request, MAX_BODY)
@@ -174,7 +174,7 @@ async def test_batches_from_two_instances_on_shared_conversations(
         asked: list[tuple[int, int, int, str]] = []  # (instance, conv, position, client id)
         results: list[SendResult] = []
         for round_ in range(8):
-            calls: list[Coroutine[Any, Any, Any]] = []
+            calls: list[asyncio.Future[SendResult]] = []
             plan: list[tuple[int, int, str]] = []
             for _ in range(60):
                 conv = rng.choice(list(convs))

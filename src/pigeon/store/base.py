@@ -22,6 +22,7 @@ Contract, for every implementation:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -136,12 +137,15 @@ class Store(Protocol):
 
     # -- the message path --------------------------------------------------------------
 
-    async def send_message(self, request: SendRequest, max_body: int) -> SendResult:
+    def send_message(self, request: SendRequest, max_body: int) -> asyncio.Future[SendResult]:
         """Commit the message and its fan-out job; see the module contract.
 
-        Raises NotMember, LimitExceeded (body longer than ``max_body`` characters),
-        Unavailable. The sender's own delivered/read positions move to the new seq.
-        Implementations batch concurrent calls into one transaction (group commit).
+        Queues the send and returns a future for its outcome, not a coroutine: a gateway
+        queues one per frame it receives and handles the outcome in a callback, without a
+        task per send. The future fails with NotMember, LimitExceeded (body longer than
+        ``max_body`` characters), Unavailable. The sender's own delivered/read positions
+        move to the new seq. Implementations batch concurrent calls into one transaction
+        (group commit).
         """
 
     async def fanout(self, worker_id: str, max_messages: int, lease_s: float) -> FanoutBatch:

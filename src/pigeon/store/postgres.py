@@ -566,13 +566,13 @@ class PostgresStore:
 
     # -- sending (group commit) ----------------------------------------------------------
 
-    async def send_message(self, request: SendRequest, max_body: int) -> SendResult:
+    def send_message(self, request: SendRequest, max_body: int) -> asyncio.Future[SendResult]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[SendResult] = loop.create_future()
         self._send_queue.append(_PendingSend(request, max_body, future))
         if self._send_task is None or self._send_task.done():
             self._send_task = loop.create_task(self._send_loop())
-        return await future
+        return future
 
     async def _send_loop(self) -> None:
         """Commit queued sends, many per transaction, until the queue is empty.

@@ -666,11 +666,11 @@ class SqliteStore:
 
     # -- sending (group commit) ----------------------------------------------------------
 
-    async def send_message(self, request: SendRequest, max_body: int) -> SendResult:
+    def send_message(self, request: SendRequest, max_body: int) -> asyncio.Future[SendResult]:
         future: asyncio.Future[SendResult] = asyncio.get_running_loop().create_future()
         self._send_queue.append(_PendingSend(request, max_body, future))
         self._kick_writer()
-        return await future
+        return future
 
     def _send_batch(
         self, conn: sqlite3.Connection, work: list[tuple[SendRequest, int]]
