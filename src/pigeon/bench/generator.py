@@ -160,10 +160,14 @@ class Client:
 
 @dataclass
 class Background:
-    """Periodic acks (cumulative, every ``ack_s``) and pings (each client every ``ping_s``)."""
+    """Periodic acks (cumulative, each client every ``ack_s``) and pings (each client every
+    ``ping_s``), both spread over their period: devices do not ack or ping in lockstep, and
+    a shard acking all its clients in one go stalls its own reading (and the server's) for
+    as long as a thousand writes take."""
 
     clients: list[Client]
     ack_s: float = 0.05
+    ack_slices: int = 5
     ping_s: float = 15.0
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -171,10 +175,12 @@ class Background:
         self.tasks = [asyncio.create_task(self._acks()), asyncio.create_task(self._pings())]
 
     async def _acks(self) -> None:
+        tick = 0
         while True:
-            await asyncio.sleep(self.ack_s)
-            for client in self.clients:
+            await asyncio.sleep(self.ack_s / self.ack_slices)
+            for client in self.clients[tick % self.ack_slices :: self.ack_slices]:
                 client.ack()
+            tick += 1
 
     async def _pings(self) -> None:
         """Spread: each second, the clients whose slot it is."""

@@ -95,13 +95,21 @@ class RawWebSocket(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         now = time.monotonic()
-        self._buffer += data
-        if not self._upgraded and not self._handshake():
-            return
+        if not self._upgraded:
+            self._buffer += data
+            if not self._handshake():
+                return
+            data, self._buffer = bytes(self._buffer), bytearray()
+        elif self._buffer:  # the rest of a frame that began in an earlier read
+            self._buffer += data
+            data, self._buffer = bytes(self._buffer), bytearray()
         try:
-            self._frames(now)
+            used = self._frames(data, now)
         except ConnectionError:
             self.abort()
+            return
+        if used < len(data):
+            self._buffer += data[used:]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
@@ -166,30 +174,29 @@ class RawWebSocket(asyncio.Protocol):
             self.opened.set_exception(exc)
         self.abort()
 
-    def _frames(self, now: float) -> None:
-        buffer = self._buffer
-        start, end = 0, len(buffer)
+    def _frames(self, data: bytes, now: float) -> int:
+        """Handle every whole frame in ``data``; return how many bytes they took."""
+        start, end = 0, len(data)
         while end - start >= 2:
-            first, second = buffer[start], buffer[start + 1]
+            first, second = data[start], data[start + 1]
             length, at = second & 0x7F, start + 2
             if second & 0x80:
                 raise ConnectionError("the server masked a frame")
             if length == 126:
                 if end - at < 2:
                     break
-                (length,) = _LENGTH_16.unpack_from(buffer, at)
+                (length,) = _LENGTH_16.unpack_from(data, at)
                 at += 2
             elif length == 127:
                 if end - at < 8:
                     break
-                (length,) = _LENGTH_64.unpack_from(buffer, at)
+                (length,) = _LENGTH_64.unpack_from(data, at)
                 at += 8
             if end - at < length:
                 break
-            payload = bytes(buffer[at : at + length])
             start = at + length
-            self._frame(first & 0x80 != 0, first & 0x0F, payload, now)
-        del buffer[:start]
+            self._frame(first & 0x80 != 0, first & 0x0F, data[at:start], now)
+        return start
 
     def _frame(self, final: bool, opcode: int, payload: bytes, now: float) -> None:
         if opcode in (_TEXT, _BINARY, _CONTINUATION):

@@ -118,7 +118,9 @@ class Group:
             self.order += 1
         self.last_seq[client.index] = max(frame.seq, self.last_seq.get(client.index, 0))
         phase = "burst_stats" if frame.client_id.startswith("b") else "paced_stats"
-        entry = self.stats[phase].setdefault(frame.client_id, [sent_at(frame.body), now, 0, now])
+        entry = self.stats[phase].get(frame.client_id)
+        if entry is None:
+            entry = self.stats[phase][frame.client_id] = [sent_at(frame.body), now, 0, now]
         entry[1] = max(entry[1], now)
         entry[2] += 1
         self.received += 1
