@@ -12,6 +12,7 @@ import contextlib
 import functools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -34,6 +35,8 @@ T = TypeVar("T")
 
 #: How long a gap in a connection's inbox may stay open before it is filled from the store.
 GAP_WAIT_S = 0.2
+#: Acks due within 1/N of `ack_flush_s` are written together (fewer, bigger batches).
+ACK_FLUSH_SLICES = 10
 
 
 def store_error_reply(exc: Exception, ref: str | None) -> Reply:
@@ -76,6 +79,7 @@ class Hub:
         self._gap_fills: dict[Connection, asyncio.Task[None]] = {}
         self._sending: set[asyncio.Future[SendResult]] = set()  # sends not yet committed
         self._ack_pending: dict[Connection, int] = {}  # socket -> highest ack not written
+        self._ack_due: deque[tuple[float, Connection]] = deque()  # (loop time, socket)
         self._ack_flusher: asyncio.Task[None] | None = None
         self.accepting = True
         self._sweeper: asyncio.Task[None] | None = None
@@ -235,21 +239,35 @@ class Hub:
                 self.committed()
 
     def _queue_ack(self, conn: Connection, up_to: int) -> None:
-        """Acks are cumulative: keep only each socket's highest, and write every socket's
-        at once, at most every `ack_flush_s`. Each write costs a transaction and moves
+        """Acks are cumulative: keep only each socket's highest, and write it `ack_flush_s`
+        after the first one not yet written. Each write costs a transaction and moves
         receipts; a client acking every message would otherwise cost one of each per
-        message it receives, and a big group's members one task each per message."""
-        if up_to > self._ack_pending.get(conn, 0):
-            self._ack_pending[conn] = up_to
+        message it receives. One flusher writes for every socket, in batches taken from a
+        queue in due order, so sockets' writes stay spread over time as their acks came
+        (not one burst for all sockets per period, which stalled the sends behind it)."""
+        pending = self._ack_pending.get(conn)
+        if pending is not None:
+            self._ack_pending[conn] = max(pending, up_to)
+            return
+        self._ack_pending[conn] = up_to
+        due = asyncio.get_running_loop().time() + self.config.ack_flush_s
+        self._ack_due.append((due, conn))
         if self._ack_flusher is None:
             self._ack_flusher = self._spawn(self._flush_acks())
 
     async def _flush_acks(self) -> None:
-        """Write the pending acks, once per `ack_flush_s`, until none come in."""
+        """Write the acks as they fall due, those due within a slice of the period with
+        them, until none are left."""
+        loop = asyncio.get_running_loop()
+        slack = self.config.ack_flush_s / ACK_FLUSH_SLICES
         try:
-            while self._ack_pending:
-                await asyncio.sleep(self.config.ack_flush_s)  # gather acks, not a sync point
-                acks, self._ack_pending = self._ack_pending, {}
+            while self._ack_due:
+                await asyncio.sleep(max(0.0, self._ack_due[0][0] - loop.time()))
+                horizon = loop.time() + slack
+                acks: dict[Connection, int] = {}
+                while self._ack_due and self._ack_due[0][0] <= horizon:
+                    conn = self._ack_due.popleft()[1]
+                    acks[conn] = self._ack_pending.pop(conn)
                 outcomes: list[list[InboxEntry] | se.StoreError]
                 try:
                     pairs = [(conn.device_id, up_to) for conn, up_to in acks.items()]
@@ -262,7 +280,10 @@ class Hub:
                         conn.send(store_error_reply(outcome, None).frame)
                     else:
                         receipts += outcome
-                await self.router.deliver_entries(receipts)
+                try:
+                    await self.router.deliver_entries(receipts)
+                except Exception:  # they are in the inboxes; a resume or the next push has them
+                    log.exception("pushing %d receipts failed", len(receipts))
         finally:
             self._ack_flusher = None
 
