@@ -678,9 +678,10 @@ class SqliteStore:
         """Validate and write a batch of sends, and fan them out; a failing request yields
         its error, writes nothing, and does not affect the others."""
         now = self._clock()
-        # conv -> last seq, allocated here (we hold the lock); membership, once per batch
-        last_seqs = _last_seqs(conn, sorted({r.conv_id for r, _ in work}))
-        members = _memberships(conn, sorted({(r.conv_id, r.sender_id) for r, _ in work}))
+        # Last seqs (allocated here: we hold the lock), members, once per batch.
+        convs_now = _conversations_for_send(conn, sorted({r.conv_id for r, _ in work}))
+        last_seqs = convs_now.last_seq
+        members = {conv: set(users) for conv, users in convs_now.members.items()}
         sent: dict[tuple[int, str], SendResult] = {}  # idempotency within this batch
         committed = _find_sent(conn, [(r.sender_device, r.client_id) for r, _ in work])
         messages: list[Message] = []
@@ -695,7 +696,7 @@ class SqliteStore:
             if prior is not None:
                 outcomes.append(dataclasses.replace(prior, duplicate=True))
                 continue
-            if (req.conv_id, req.sender_id) not in members:
+            if req.sender_id not in members.get(req.conv_id, ()):
                 outcomes.append(NotMember(f"not a member of conversation {req.conv_id}"))
                 continue
             seq = last_seqs[req.conv_id] = last_seqs[req.conv_id] + 1
@@ -711,10 +712,10 @@ class SqliteStore:
             [(last_seqs[conv], now, conv) for conv in convs],
         )
         _store_messages(conn, messages)
-        queued = _convs_with_jobs(conn, convs) if self._fanout_with_send else set(convs)
+        queued = convs_now.with_jobs if self._fanout_with_send else set(convs)
         _queue_fanout(conn, [m for m in messages if m.conv_id in queued])
         ready = [m for m in messages if m.conv_id not in queued]
-        return _SentBatch(outcomes, _fan_out_now(conn, ready, now))
+        return _SentBatch(outcomes, _fan_out_now(conn, ready, now, convs_now))
 
     def _append_system(
         self,
@@ -1291,18 +1292,41 @@ def _queue_fanout(conn: sqlite3.Connection, messages: list[Message]) -> None:
     )
 
 
-def _convs_with_jobs(conn: sqlite3.Connection, conv_ids: list[int]) -> set[int]:
-    """The conversations among ``conv_ids`` with messages still queued for fan-out."""
+@dataclasses.dataclass(slots=True)
+class _SendContext:
+    """What a send batch needs of its conversations, read in one query."""
+
+    last_seq: dict[int, int]  # conv -> its last seq, for the conversations that exist
+    with_jobs: set[int]  # conversations with messages still queued for fan-out
+    members: dict[int, list[int]]  # conv -> its members
+    heads: dict[int, int]  # member -> inbox head
+
+
+def _conversations_for_send(conn: sqlite3.Connection, conv_ids: list[int]) -> _SendContext:
+    """One query rather than four: a round of a few sends spends more on statements than
+    on rows, and each statement hands the GIL to the event loop and back."""
+    context = _SendContext({}, set(), {}, {})
     rows = _rows_for_keys(
         conn,
-        "SELECT DISTINCT j.conv_id FROM {keys} JOIN fanout_jobs j ON j.conv_id = k.column1",
+        "WITH cs AS MATERIALIZED (SELECT c.id, c.last_seq,"
+        " EXISTS (SELECT 1 FROM fanout_jobs j WHERE j.conv_id = c.id) AS jobs"
+        " FROM {keys} JOIN conversations c ON c.id = k.column1)"
+        " SELECT cs.id, cs.last_seq, cs.jobs, m.user_id, u.inbox_head FROM cs"
+        " LEFT JOIN members m ON m.conv_id = cs.id LEFT JOIN users u ON u.id = m.user_id",
         [(conv,) for conv in conv_ids],
     )
-    return {int(conv) for (conv,) in rows}
+    for conv, last_seq, jobs, user, head in rows:
+        context.last_seq[conv] = last_seq
+        if jobs:
+            context.with_jobs.add(conv)
+        if user is not None:
+            context.members.setdefault(conv, []).append(user)
+            context.heads[user] = head
+    return context
 
 
 def _fan_out_now(
-    conn: sqlite3.Connection, messages: list[Message], now: float
+    conn: sqlite3.Connection, messages: list[Message], now: float, context: _SendContext
 ) -> list[list[InboxEntry]]:
     """Write just-stored messages to their conversations' members' inboxes.
 
@@ -1311,46 +1335,15 @@ def _fan_out_now(
     """
     if not messages:
         return []
-    members: dict[int, list[int]] = {}
-    heads: dict[int, int] = {}
-    rows = _rows_for_keys(
-        conn,
-        "SELECT m.conv_id, m.user_id, u.inbox_head FROM {keys}"
-        " JOIN members m ON m.conv_id = k.column1 JOIN users u ON u.id = m.user_id",
-        [(conv,) for conv in sorted({m.conv_id for m in messages})],
-    )
-    for conv_id, user_id, head in rows:
-        members.setdefault(conv_id, []).append(user_id)
-        heads[user_id] = head
     inbox = _InboxAppender(conn)
-    inbox.seed(heads)
+    inbox.seed(context.heads)
+    members = context.members
     fanned_out = [
         [inbox.append(user, m.conv_id, now, message=m) for user in members.get(m.conv_id, ())]
         for m in messages
     ]
     inbox.flush()
     return fanned_out
-
-
-def _last_seqs(conn: sqlite3.Connection, conv_ids: list[int]) -> dict[int, int]:
-    """conv -> its last seq, for those of ``conv_ids`` that exist."""
-    rows = _rows_for_keys(
-        conn,
-        "SELECT c.id, c.last_seq FROM {keys} JOIN conversations c ON c.id = k.column1",
-        [(conv,) for conv in conv_ids],
-    )
-    return {int(conv): int(seq) for conv, seq in rows}
-
-
-def _memberships(conn: sqlite3.Connection, pairs: list[tuple[int, int]]) -> set[tuple[int, int]]:
-    """Those ``(conv, user)`` pairs where the user is a member."""
-    rows = _rows_for_keys(
-        conn,
-        "SELECT m.conv_id, m.user_id FROM {keys}"
-        " JOIN members m ON m.conv_id = k.column1 AND m.user_id = k.column2",
-        pairs,
-    )
-    return {(int(conv), int(user)) for conv, user in rows}
 
 
 def _rows_for_keys(
