@@ -35,6 +35,8 @@ from pigeon.bench.target import (
 
 #: Connections one generator process holds at most (the open-file limit is per process).
 CONNS_PER_PROC = 15_000
+#: A point whose generator saturated is run again with twice the processes, up to this.
+MAX_AUTO_PROCS = 8
 
 FULL: dict[str, list[Params]] = {
     "idle": [Params(n=n, hold_s=30.0) for n in (1000, 5000, 10000)],
@@ -230,15 +232,36 @@ def _write(record: dict[str, Any], results: Path) -> None:
         fh.write(line + "\n")
 
 
+def more_procs(record: dict[str, Any], params: Params, fixed: bool, single: bool) -> int | None:
+    """How many generator processes to run a point with again, if its generator may have
+    limited it (a process at >= 90 % of a core) and the count is ours to choose."""
+    if fixed or single or not record.get("generator_saturated"):
+        return None
+    if params.procs >= MAX_AUTO_PROCS:
+        return None
+    return min(params.procs * 2, MAX_AUTO_PROCS)
+
+
 async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     raise_nofile()
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     records = []
     for name in names:
         for params in points(args, name):
-            record, extra = await run_point(
-                name, params, args.url, args.server_pid, args.keep_data, args.cluster
-            )
+            saturated_with: list[int] = []
+            while True:
+                record, extra = await run_point(
+                    name, params, args.url, args.server_pid, args.keep_data, args.cluster
+                )
+                single = SCENARIOS[name].single_shard
+                procs = more_procs(record, params, args.procs is not None, single)
+                if procs is None:
+                    break
+                _progress(f"{name}: a generator process saturated; again with {procs}")
+                saturated_with.append(params.procs)
+                params = replace(params, procs=procs)
+            if saturated_with:  # the figure is the last run's; say it took more processes
+                record["generator_saturated_with_procs"] = saturated_with
             if args.label:
                 record["label"] = args.label
             _write(record, Path(args.results))
