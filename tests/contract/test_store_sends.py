@@ -232,3 +232,37 @@ async def test_batches_from_two_instances_on_shared_conversations(
     finally:
         await first.close()
         await second.close()
+
+
+async def test_one_key_in_two_conversations_at_once_through_two_instances(
+    make_store: Callable[[], Store],
+) -> None:
+    """A device reuses a client_id in two conversations, the two sends racing through two
+    store instances (two gateways): one is stored, the other answers with its result as a
+    duplicate; neither fails."""
+    first, second = make_store(), make_store()
+    await first.open()
+    await second.open()
+    try:
+        alice, bob, carol = await make_users(first, "alice", "bob", "carol")
+        phone = await make_device(first, alice)
+        one = await first.direct_conversation(alice, bob)
+        two = await first.direct_conversation(alice, carol)
+        for i in range(40):
+            cid = f"race{i}"
+            results = await asyncio.gather(
+                send(first, one.id, phone, "a", cid), send(second, two.id, phone, "b", cid)
+            )
+            assert sorted(r.duplicate for r in results) == [False, True], results
+            assert {(r.conv_id, r.seq) for r in results} == {
+                (r.conv_id, r.seq) for r in results if not r.duplicate
+            }
+        stored = [
+            m.client_id
+            for conv in (one, two)
+            for m in await first.history(conv.id, alice, limit=1_000)
+        ]
+        assert sorted(stored) == sorted(f"race{i}" for i in range(40))
+    finally:
+        await first.close()
+        await second.close()

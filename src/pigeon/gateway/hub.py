@@ -47,6 +47,7 @@ def store_error_reply(exc: Exception, ref: str | None) -> Reply:
         se.Forbidden: ErrorCode.FORBIDDEN,
         se.NotFound: ErrorCode.NOT_FOUND,
         se.Unavailable: ErrorCode.UNAVAILABLE,
+        se.Conflict: ErrorCode.CONFLICT,
     }
     code = codes.get(type(exc))
     if code is None:

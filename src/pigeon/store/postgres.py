@@ -610,11 +610,16 @@ class PostgresStore:
     ) -> list[SendResult | StoreError]:
         try:
             return await self._send_batch(work)
-        except asyncpg.PostgresError:
+        except asyncpg.UniqueViolationError:
+            # Another instance stored one of these keys meanwhile (a device reusing a
+            # client_id in two conversations at once: the conversation locks do not order
+            # those). Sent again, alone, each finds its original and repeats its result.
+            pass
+        except asyncpg.PostgresError as exc:
             if len(work) == 1:
-                raise
-        # Checks before writing make this unexpected (e.g. one device reusing a client_id
-        # in two conversations at once); still, one bad request must not fail the others.
+                return [_map_error(exc)]
+        # Checks before writing make a failure unexpected; still, one bad request must not
+        # fail the others.
         outcomes: list[SendResult | StoreError] = []
         for item in work:
             try:
