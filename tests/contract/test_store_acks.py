@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import pytest
 
@@ -44,6 +45,42 @@ def key(entry: InboxEntry) -> tuple[int, int]:
     return entry.user_id, entry.inbox_seq
 
 
+class RevokedSetup(NamedTuple):
+    alice: int
+    bob: int
+    carol: int
+    dave: int
+    b_phone: Device
+    c_phone: Device  # revoked
+    d_phone: Device
+    group_id: int
+    sent: SendResult  # alice's message, seq 2
+    alice_head: int  # before any ack
+
+
+async def group_with_a_revoked_device(store: Store) -> RevokedSetup:
+    """Alice's group of four has her message; carol's phone is then revoked."""
+    alice, bob, carol, dave = await make_users(store, "alice", "bob", "carol", "dave")
+    a_phone = await make_device(store, alice)
+    b_phone, c_phone, d_phone = [await make_device(store, u) for u in (bob, carol, dave)]
+    group = await store.create_group(alice, "G", [bob, carol, dave], 10)
+    sent = await send(store, group.id, alice, a_phone.id)  # 2
+    await drain(store)
+    assert await store.revoke_device(carol, c_phone.id)
+    return RevokedSetup(
+        alice,
+        bob,
+        carol,
+        dave,
+        b_phone,
+        c_phone,
+        d_phone,
+        group.id,
+        sent,
+        await head(store, alice),
+    )
+
+
 async def test_big_group_all_acks_at_once_tell_every_sender_once(store: Store) -> None:
     """Every member of a big group acks at once: the aggregate moves once, and each sender
     of a message it passed hears of it once, an acking sender included."""
@@ -73,14 +110,18 @@ async def test_big_group_all_acks_at_once_tell_every_sender_once(store: Store) -
 async def test_ack_batch_with_revoked_and_unknown_devices(store: Store, clock: FakeClock) -> None:
     """A revoked or unknown device fails its own ack only; the others in the same batch
     move and tell their senders."""
-    alice, bob, carol, dave = await make_users(store, "alice", "bob", "carol", "dave")
-    a_phone = await make_device(store, alice)
-    b_phone, c_phone, d_phone = [await make_device(store, u) for u in (bob, carol, dave)]
-    group = await store.create_group(alice, "G", [bob, carol, dave], 10)
-    sent = await send(store, group.id, alice, a_phone.id)  # 2
-    await drain(store)
-    assert await store.revoke_device(carol, c_phone.id)
-    alice_head = await head(store, alice)
+    (
+        alice,
+        bob,
+        carol,
+        dave,
+        b_phone,
+        c_phone,
+        d_phone,
+        group_id,
+        sent,
+        alice_head,
+    ) = await group_with_a_revoked_device(store)
     clock.advance(3)
     results = await asyncio.gather(
         store.ack(b_phone.id, 2),
@@ -102,21 +143,25 @@ async def test_ack_batch_with_revoked_and_unknown_devices(store: Store, clock: F
         assert state.ts == clock.now
     assert await cursor(store, b_phone) == 2 and await cursor(store, d_phone) == 2
     assert await cursor(store, c_phone) == 0
-    members = {m.user_id: m for m in await store.receipts(group.id, alice)}
+    members = {m.user_id: m for m in await store.receipts(group_id, alice)}
     assert members[carol].delivered_seq == 0 and members[bob].delivered_seq == sent.seq
 
 
 async def test_ack_many_answers_each_pair_in_order(store: Store) -> None:
     """One `ack_many` call: each pair gets its own outcome, in order; the failing ones
     (revoked, unknown, impossible ids) change nothing, the others move and tell."""
-    alice, bob, carol, dave = await make_users(store, "alice", "bob", "carol", "dave")
-    a_phone = await make_device(store, alice)
-    b_phone, c_phone, d_phone = [await make_device(store, u) for u in (bob, carol, dave)]
-    group = await store.create_group(alice, "G", [bob, carol, dave], 10)
-    sent = await send(store, group.id, alice, a_phone.id)  # 2
-    await drain(store)
-    assert await store.revoke_device(carol, c_phone.id)
-    alice_head = await head(store, alice)
+    (
+        alice,
+        bob,
+        carol,
+        dave,
+        b_phone,
+        c_phone,
+        d_phone,
+        group_id,
+        sent,
+        alice_head,
+    ) = await group_with_a_revoked_device(store)
     outcomes = await store.ack_many(
         [(b_phone.id, 2), (c_phone.id, 2), (-1, 2), (10_000_000, 2), (d_phone.id, 99)]
     )
@@ -128,7 +173,7 @@ async def test_ack_many_answers_each_pair_in_order(store: Store) -> None:
     assert {e.receipt.user_id for e in told if e.receipt is not None} == {bob, dave}
     assert await cursor(store, b_phone) == 2 and await cursor(store, d_phone) == 2  # clamped
     assert await cursor(store, c_phone) == 0
-    members = {m.user_id: m for m in await store.receipts(group.id, alice)}
+    members = {m.user_id: m for m in await store.receipts(group_id, alice)}
     assert members[bob].delivered_seq == members[dave].delivered_seq == sent.seq
     assert members[carol].delivered_seq == 0
     assert await store.ack_many([]) == []

@@ -51,3 +51,11 @@ async def settled(futures: Sequence[asyncio.Future[T]]) -> list[T | StoreError]:
             raise result
         outcomes.append(result)
     return outcomes
+
+
+def only(outcomes: list[T | StoreError]) -> T:
+    """The outcome of a one-item batch call: its value, or its error raised."""
+    (outcome,) = outcomes
+    if isinstance(outcome, StoreError):
+        raise outcome
+    return outcome

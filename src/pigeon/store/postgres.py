@@ -56,6 +56,7 @@ from pigeon.store.errors import (
     NotMember,
     StoreError,
     Unavailable,
+    only,
     settled,
 )
 from pigeon.store.models import (
@@ -779,10 +780,7 @@ class PostgresStore:
         return InboxBounds(floor=int(row[0]), head=int(row[1]))
 
     async def ack(self, device_id: int, up_to: int) -> list[InboxEntry]:
-        (outcome,) = await self.ack_many([(device_id, up_to)])
-        if isinstance(outcome, StoreError):
-            raise outcome
-        return outcome
+        return only(await self.ack_many([(device_id, up_to)]))
 
     async def ack_many(
         self, acks: Sequence[tuple[int, int]]
