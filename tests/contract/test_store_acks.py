@@ -110,72 +110,50 @@ async def test_big_group_all_acks_at_once_tell_every_sender_once(store: Store) -
 async def test_ack_batch_with_revoked_and_unknown_devices(store: Store, clock: FakeClock) -> None:
     """A revoked or unknown device fails its own ack only; the others in the same batch
     move and tell their senders."""
-    (
-        alice,
-        bob,
-        carol,
-        dave,
-        b_phone,
-        c_phone,
-        d_phone,
-        group_id,
-        sent,
-        alice_head,
-    ) = await group_with_a_revoked_device(store)
+    g = await group_with_a_revoked_device(store)
     clock.advance(3)
     results = await asyncio.gather(
-        store.ack(b_phone.id, 2),
-        store.ack(c_phone.id, 2),  # revoked
+        store.ack(g.b_phone.id, 2),
+        store.ack(g.c_phone.id, 2),  # revoked
         store.ack(10_000_000, 2),  # unknown
-        store.ack(d_phone.id, 2),
+        store.ack(g.d_phone.id, 2),
         return_exceptions=True,
     )
     assert isinstance(results[1], NotFound) and isinstance(results[2], NotFound)
     assert isinstance(results[0], list) and isinstance(results[3], list)
     told = sorted(flat(results), key=key)
-    assert told == await receipt_entries(store, alice, alice_head)
-    assert [e.inbox_seq for e in told] == [alice_head + 1, alice_head + 2]  # no gap
+    assert told == await receipt_entries(store, g.alice, g.alice_head)
+    assert [e.inbox_seq for e in told] == [g.alice_head + 1, g.alice_head + 2]  # no gap
     states = {e.receipt.user_id: e.receipt for e in told if e.receipt is not None}
-    assert set(states) == {bob, dave}
+    assert set(states) == {g.bob, g.dave}
     for state in states.values():
-        assert (state.delivered_seq, state.read_seq) == (sent.seq, 0)
+        assert (state.delivered_seq, state.read_seq) == (g.sent.seq, 0)
         assert state.all_delivered_seq == 0  # carol has nothing
         assert state.ts == clock.now
-    assert await cursor(store, b_phone) == 2 and await cursor(store, d_phone) == 2
-    assert await cursor(store, c_phone) == 0
-    members = {m.user_id: m for m in await store.receipts(group_id, alice)}
-    assert members[carol].delivered_seq == 0 and members[bob].delivered_seq == sent.seq
+    assert await cursor(store, g.b_phone) == 2 and await cursor(store, g.d_phone) == 2
+    assert await cursor(store, g.c_phone) == 0
+    members = {m.user_id: m for m in await store.receipts(g.group_id, g.alice)}
+    assert members[g.carol].delivered_seq == 0 and members[g.bob].delivered_seq == g.sent.seq
 
 
 async def test_ack_many_answers_each_pair_in_order(store: Store) -> None:
     """One `ack_many` call: each pair gets its own outcome, in order; the failing ones
     (revoked, unknown, impossible ids) change nothing, the others move and tell."""
-    (
-        alice,
-        bob,
-        carol,
-        dave,
-        b_phone,
-        c_phone,
-        d_phone,
-        group_id,
-        sent,
-        alice_head,
-    ) = await group_with_a_revoked_device(store)
+    g = await group_with_a_revoked_device(store)
     outcomes = await store.ack_many(
-        [(b_phone.id, 2), (c_phone.id, 2), (-1, 2), (10_000_000, 2), (d_phone.id, 99)]
+        [(g.b_phone.id, 2), (g.c_phone.id, 2), (-1, 2), (10_000_000, 2), (g.d_phone.id, 99)]
     )
     assert len(outcomes) == 5
     assert [type(o) for o in outcomes[1:4]] == [NotFound, NotFound, NotFound]
     assert isinstance(outcomes[0], list) and isinstance(outcomes[4], list)
     told = sorted(flat(outcomes), key=key)
-    assert told == await receipt_entries(store, alice, alice_head)
-    assert {e.receipt.user_id for e in told if e.receipt is not None} == {bob, dave}
-    assert await cursor(store, b_phone) == 2 and await cursor(store, d_phone) == 2  # clamped
-    assert await cursor(store, c_phone) == 0
-    members = {m.user_id: m for m in await store.receipts(group_id, alice)}
-    assert members[bob].delivered_seq == members[dave].delivered_seq == sent.seq
-    assert members[carol].delivered_seq == 0
+    assert told == await receipt_entries(store, g.alice, g.alice_head)
+    assert {e.receipt.user_id for e in told if e.receipt is not None} == {g.bob, g.dave}
+    assert await cursor(store, g.b_phone) == 2 and await cursor(store, g.d_phone) == 2  # clamped
+    assert await cursor(store, g.c_phone) == 0
+    members = {m.user_id: m for m in await store.receipts(g.group_id, g.alice)}
+    assert members[g.bob].delivered_seq == members[g.dave].delivered_seq == g.sent.seq
+    assert members[g.carol].delivered_seq == 0
     assert await store.ack_many([]) == []
 
 
