@@ -29,6 +29,7 @@ def test_every_scenario_smoke(tmp_path: Path) -> None:
         assert record["order_violations"] == 0, (name, record)
         assert record["errors"] == 0, (name, record)
         assert record["machine"]["cores"] >= 1
+        assert record["machine"]["speed_probe"]["cpu_loop_ms"] > 0
         assert "generator_saturated" in record
         assert record["server_exit"] == 0, (name, record)
     by_name = {r["scenario"]: r for r in records}

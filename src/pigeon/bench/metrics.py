@@ -9,6 +9,7 @@ import resource
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -137,4 +138,43 @@ def machine_info() -> dict[str, object]:
         "kernel": platform.release(),
         "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[1],
         "shared_cores": f"server and generator share the same {cores} cores",
+    }
+
+
+#: Python additions timed by `speed_probe` (~0.1 s on this kind of VM at its fastest).
+PROBE_LOOP = 1_000_000
+#: 4 KiB write + fdatasync pairs timed by `speed_probe`.
+PROBE_SYNCS = 20
+
+
+def speed_probe(directory: Path) -> dict[str, float]:
+    """How fast this machine is right now, taken just before a point.
+
+    A shared VM's speed drifts by up to 2x within minutes; with this in every record, two
+    records can be told apart by the machine, not only by the code. ``cpu_loop_ms`` is
+    the time of a fixed Python loop; ``fdatasync_*_ms`` the disk's flush latency in
+    ``directory`` (where the server's data lives).
+    """
+    start = time.perf_counter()
+    total = 0
+    for i in range(PROBE_LOOP):
+        total += i
+    cpu_ms = (time.perf_counter() - start) * 1000
+    path = directory / "speed-probe.dat"
+    syncs: list[float] = []
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for _ in range(PROBE_SYNCS):
+            os.pwrite(fd, b"x" * 4096, 0)
+            start = time.perf_counter()
+            os.fdatasync(fd)
+            syncs.append(time.perf_counter() - start)
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+    syncs.sort()
+    return {
+        "cpu_loop_ms": round(cpu_ms, 1),
+        "fdatasync_p50_ms": round(percentile(syncs, 50) * 1000, 2),
+        "fdatasync_max_ms": round(syncs[-1] * 1000, 2),
     }

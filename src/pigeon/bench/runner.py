@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pigeon.bench.generator import Coordinator, ShardSpec
-from pigeon.bench.metrics import machine_info, raise_nofile
+from pigeon.bench.metrics import machine_info, raise_nofile, speed_probe
 from pigeon.bench.scenarios import SCENARIOS, Params, Run
 from pigeon.bench.scenarios.base import split
 from pigeon.bench.target import (
@@ -152,6 +152,7 @@ async def run_point(
     target: ClusterTarget | None = None
     services: dict[str, int] = {}
     pids = list(server_pids or [])
+    probe = speed_probe(data_dir)  # before anything of the point runs
     started = time.time()
     try:
         if cluster:
@@ -210,7 +211,7 @@ async def run_point(
             "server_exit": exit_code,
             "pigeon_env": pigeon_env(),
             "git": git_state(),
-            "machine": machine_info(),
+            "machine": {**machine_info(), "speed_probe": probe},
         }
         return record, run.extra
     finally:
