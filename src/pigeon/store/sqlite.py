@@ -681,8 +681,7 @@ class SqliteStore:
         now = self._clock()
         # Last seqs (allocated here: we hold the lock), members, once per batch.
         convs_now = _conversations_for_send(conn, sorted({r.conv_id for r, _ in work}))
-        last_seqs = convs_now.last_seq
-        members = {conv: set(users) for conv, users in convs_now.members.items()}
+        last_seqs, members = convs_now.last_seq, convs_now.members
         sent: dict[tuple[int, str], SendResult] = {}  # idempotency within this batch
         committed = _find_sent(conn, [(r.sender_device, r.client_id) for r, _ in work])
         messages: list[Message] = []
@@ -1296,7 +1295,7 @@ class _SendContext:
 
     last_seq: dict[int, int]  # conv -> its last seq, for the conversations that exist
     with_jobs: set[int]  # conversations with messages still queued for fan-out
-    members: dict[int, list[int]]  # conv -> its members
+    members: dict[int, set[int]]  # conv -> its members
     heads: dict[int, int]  # member -> inbox head
 
 
@@ -1318,7 +1317,7 @@ def _conversations_for_send(conn: sqlite3.Connection, conv_ids: list[int]) -> _S
         if jobs:
             context.with_jobs.add(conv)
         if user is not None:
-            context.members.setdefault(conv, []).append(user)
+            context.members.setdefault(conv, set()).add(user)
             context.heads[user] = head
     return context
 
