@@ -227,17 +227,17 @@ class Hub:
             conn.send(store_error_reply(se.Unavailable("store closed"), client_id).frame)
             return
         exc = future.exception()
-        if isinstance(exc, se.LimitExceeded):
-            conn.send(f.Error(ErrorCode.BODY_TOO_LARGE, str(exc), client_id))
-        elif isinstance(exc, Exception):  # typed store errors, and anything unexpected (logged)
-            conn.send(store_error_reply(exc, client_id).frame)
-        elif exc is None:
+        if exc is None:
             result = future.result()
             conn.send(
                 f.Sent(client_id=client_id, conv=result.conv_id, seq=result.seq, ts=result.ts)
             )
             if not result.duplicate:
                 self.committed()
+        elif isinstance(exc, se.LimitExceeded):
+            conn.send(f.Error(ErrorCode.BODY_TOO_LARGE, str(exc), client_id))
+        elif isinstance(exc, Exception):  # typed store errors, and anything unexpected (logged)
+            conn.send(store_error_reply(exc, client_id).frame)
 
     def _queue_ack(self, conn: Connection, up_to: int) -> None:
         """Acks are cumulative: keep only each socket's highest, and write it `ack_flush_s`
