@@ -14,7 +14,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from pigeon.store.base import Store
-from pigeon.store.errors import LimitExceeded, NotMember
+from pigeon.store.errors import Invalid, LimitExceeded, NotMember
 from pigeon.store.models import Device, InboxEntry, SendRequest, SendResult
 
 from .helpers import MAX_BODY, MAX_MEMBERS, drain, make_device, make_users
@@ -120,6 +120,26 @@ async def test_batch_mixing_duplicates_non_members_and_good_sends(store: Store) 
         assert len(keys) == len(set(keys))
         assert [s for c, s in keys if c == direct.id] == [1, 2]
         assert [s for c, s in keys if c == group.id] == [1, 2, 3, 4, 5, 6, 7]
+
+
+async def test_any_text_but_nul_is_stored_exactly(store: Store) -> None:
+    """Batches reach SQLite as JSON: what JSON escapes must come back as sent; NUL, which
+    neither store can hold, is refused and writes nothing."""
+    alice, bob = await make_users(store, "alice", "bob")
+    pa = await make_device(store, alice)
+    direct = await store.direct_conversation(alice, bob)
+    odd = ['"quoted" \\ back\\slash', "\x01\x1f\t\n\r", "é 😀 \u2028\u2029 \ufeff", "  x  "]
+    results = await asyncio.gather(
+        *[send(store, direct.id, pa, body, f"{body}-{i}") for i, body in enumerate(odd)],
+        send(store, direct.id, pa, "a\0b"),
+        send(store, direct.id, pa, "ok", "c\0"),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, Invalid) for r in results[-2:]), results[-2:]
+    history = await store.history(direct.id, alice)
+    assert [(m.body, m.client_id) for m in history] == [(b, f"{b}-{i}") for i, b in enumerate(odd)]
+    await drain(store)
+    assert await message_keys(store, bob) == [(direct.id, s) for s in (1, 2, 3, 4)]
 
 
 async def test_repeat_in_batch_follows_the_first_accepted_request(store: Store) -> None:

@@ -68,6 +68,10 @@ def test_bad_input_is_typed() -> None:
         )
         == "bad_frame"
     )
+    for nul in ({"client_id": "c", "body": "a\0b"}, {"client_id": "c\0", "body": "hi"}):
+        assert error_code(session.receive(raw({"type": "send", "conv": 1, **nul}), 0.0)) == (
+            "bad_frame"
+        )
     assert error_code(session.receive(b"x" * 201, 0.0)) == "frame_too_large"
     ok = session.receive(raw({"type": "send", "conv": 1, "client_id": "c", "body": "hi"}), 0.0)
     assert ok == f.Send(conv=1, client_id="c", body="hi")

@@ -48,6 +48,7 @@ def store_error_reply(exc: Exception, ref: str | None) -> Reply:
         se.NotFound: ErrorCode.NOT_FOUND,
         se.Unavailable: ErrorCode.UNAVAILABLE,
         se.Conflict: ErrorCode.CONFLICT,
+        se.Invalid: ErrorCode.BAD_FRAME,
     }
     code = codes.get(type(exc))
     if code is None:

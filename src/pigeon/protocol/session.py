@@ -133,6 +133,8 @@ class Session:
             )
         if not frame.body.strip():
             return error(ErrorCode.BAD_FRAME, "body is empty", frame.client_id)
+        if "\0" in frame.body or "\0" in frame.client_id:
+            return error(ErrorCode.BAD_FRAME, "NUL characters are not allowed", frame.client_id)
         if not self._sends.take(now):
             return error(ErrorCode.RATE_LIMITED, "too many messages; retry later", frame.client_id)
         return frame

@@ -37,8 +37,23 @@ class BadPosition(StoreError):
     """A seq or inbox position beyond what exists."""
 
 
+class Invalid(StoreError):
+    """A value the store cannot hold: text with a NUL character (PostgreSQL's text cannot,
+    and SQLite's JSON functions, through which batches are written, would cut it)."""
+
+
 class Unavailable(StoreError):
     """The database cannot be reached or is overloaded; the same call may succeed later."""
+
+
+def refused_send(body: str, client_id: str, max_body: int) -> StoreError | None:
+    """Why a send cannot be stored whoever sends it, or None: checked by both stores
+    before anything is written."""
+    if len(body) > max_body:
+        return LimitExceeded(f"body longer than {max_body} characters")
+    if "\0" in body or "\0" in client_id:
+        return Invalid("body and client_id cannot contain NUL characters")
+    return None
 
 
 async def settled(futures: Sequence[asyncio.Future[T]]) -> list[T | StoreError]:

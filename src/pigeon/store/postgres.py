@@ -57,6 +57,7 @@ from pigeon.store.errors import (
     StoreError,
     Unavailable,
     only,
+    refused_send,
     settled,
 )
 from pigeon.store.models import (
@@ -637,8 +638,8 @@ class PostgresStore:
         locks last only while the function runs. A failing request yields its error, writes
         nothing, and does not affect the others."""
         now = self._clock()
-        fits = [len(req.body) <= max_body for req, max_body in work]
-        requests = [req for (req, _), ok in zip(work, fits, strict=True) if ok]
+        refusals = [refused_send(req.body, req.client_id, max_body) for req, max_body in work]
+        requests = [req for (req, _), no in zip(work, refusals, strict=True) if no is None]
         rows: list[Row] = []
         if requests:
             rows = await self._statement(
@@ -654,9 +655,9 @@ class PostgresStore:
             )
         answers = iter(rows)
         outcomes: list[SendResult | StoreError] = []
-        for (req, max_body), ok in zip(work, fits, strict=True):
-            if not ok:
-                outcomes.append(LimitExceeded(f"body longer than {max_body} characters"))
+        for (req, _), refused in zip(work, refusals, strict=True):
+            if refused is not None:
+                outcomes.append(refused)
                 continue
             code, conv_id, seq, ts = next(answers)
             if code == _SEND_NOT_MEMBER:

@@ -29,9 +29,11 @@ import pathlib
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar, cast
+
+import msgspec
 
 from pigeon.store import receipts, records
 from pigeon.store.checkpoint import BACKSTOP_PAGES, WalCheckpointer
@@ -45,6 +47,7 @@ from pigeon.store.errors import (
     StoreError,
     Unavailable,
     only,
+    refused_send,
     settled,
 )
 from pigeon.store.models import (
@@ -687,8 +690,9 @@ class SqliteStore:
         messages: list[Message] = []
         outcomes: list[SendResult | StoreError] = []
         for req, max_body in work:
-            if len(req.body) > max_body:
-                outcomes.append(LimitExceeded(f"body longer than {max_body} characters"))
+            refused = refused_send(req.body, req.client_id, max_body)
+            if refused is not None:
+                outcomes.append(refused)
                 continue
             key = (req.sender_device, req.client_id)
             # A retry returns the original result, even if membership changed since.
@@ -707,9 +711,10 @@ class SqliteStore:
                 sent[key] = result
             outcomes.append(result)
         convs = sorted({m.conv_id for m in messages})
-        conn.executemany(
-            "UPDATE conversations SET last_seq = ?, last_activity = ? WHERE id = ?",
-            [(last_seqs[conv], now, conv) for conv in convs],
+        conn.execute(
+            f"UPDATE conversations SET last_seq = k.c2, last_activity = ? FROM {_KEYS}"
+            " WHERE conversations.id = k.c1",
+            (now, _json([(conv, last_seqs[conv]) for conv in convs])),
         )
         _store_messages(conn, messages)
         queued = convs_now.with_jobs if self._fanout_with_send else set(convs)
@@ -1016,14 +1021,15 @@ class _InboxAppender:
         """Write what was appended; return the entries in the order they were appended."""
         if not self._rows:
             return []
-        self._conn.executemany(
+        self._conn.execute(
             "INSERT INTO inbox (user_id, inbox_seq, conv_id, msg_seq, receipt, ts)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            self._rows,
+            " SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4,"
+            " value ->> 5 FROM json_each(?)",
+            (_json(self._rows),),
         )
-        self._conn.executemany(
-            "UPDATE users SET inbox_head = ? WHERE id = ?",
-            [(head, user) for user, head in self._heads.items()],
+        self._conn.execute(
+            f"UPDATE users SET inbox_head = k.c2 FROM {_KEYS} WHERE users.id = k.c1",
+            (_json(list(self._heads.items())),),
         )
         entries, self._rows, self._entries, self._heads = self._entries, [], [], {}
         return entries
@@ -1100,12 +1106,12 @@ def _highest_acked(
     """conv -> user -> the highest message seq in the users' acked inbox ranges
     ``(user, after, up_to)``: delivered is cumulative, in indexed joins."""
     delivered: dict[int, dict[int, int]] = {}
-    rows = _rows_for_keys(
+    rows = _json_rows(
         conn,
-        "SELECT k.column1, i.conv_id, MAX(i.msg_seq) FROM {keys}"
-        " JOIN inbox i ON i.user_id = k.column1 AND i.inbox_seq > k.column2"
-        " AND i.inbox_seq <= k.column3 WHERE i.msg_seq IS NOT NULL"
-        " GROUP BY k.column1, i.conv_id",
+        "SELECT json_group_array(json_array(user_id, conv_id, seq)) FROM"
+        f" (SELECT k.c1 AS user_id, i.conv_id, MAX(i.msg_seq) AS seq FROM {_KEYS}"
+        " JOIN inbox i ON i.user_id = k.c1 AND i.inbox_seq > k.c2 AND i.inbox_seq <= k.c3"
+        " WHERE i.msg_seq IS NOT NULL GROUP BY k.c1, i.conv_id)",
         ranges,
     )
     for user_id, conv_id, seq in rows:
@@ -1163,10 +1169,10 @@ def _devices_with_heads(
     conn: sqlite3.Connection, device_ids: list[int]
 ) -> dict[int, tuple[int, int, int]]:
     """device -> (user, cursor, user's inbox head), for devices not revoked."""
-    rows = _rows_for_keys(
+    rows = _json_rows(
         conn,
-        "SELECT d.id, d.user_id, d.cursor, u.inbox_head FROM {keys}"
-        " JOIN devices d ON d.id = k.column1 JOIN users u ON u.id = d.user_id"
+        "SELECT json_group_array(json_array(d.id, d.user_id, d.cursor, u.inbox_head))"
+        f" FROM {_KEYS} JOIN devices d ON d.id = k.c1 JOIN users u ON u.id = d.user_id"
         " WHERE d.revoked_at IS NULL",
         [(device,) for device in device_ids],
     )
@@ -1183,22 +1189,23 @@ def _advance_group(
     """`_advance` for many members of a big group at once: their delivered positions move
     in one statement, and the senders hear of it only if the aggregate moved."""
     before = _aggregate(conn, conv_id)
-    updates: list[tuple[int, int, int, int]] = []
-    rows = _rows_for_keys(
+    updates: list[tuple[int, int, int, int]] = []  # (conv, user, delivered, read)
+    rows = _json_rows(
         conn,
-        "SELECT m.user_id, m.delivered_seq, m.read_seq FROM {keys}"
-        " JOIN members m ON m.conv_id = k.column1 AND m.user_id = k.column2",
+        "SELECT json_group_array(json_array(m.user_id, m.delivered_seq, m.read_seq))"
+        f" FROM {_KEYS} JOIN members m ON m.conv_id = k.c1 AND m.user_id = k.c2",
         [(conv_id, user) for user in sorted(delivered_to)],
     )
     for user_id, delivered, read in rows:
         new = receipts.advance((int(delivered), int(read)), delivered_to[int(user_id)], 0)
         if new is not None:
-            updates.append((*new, conv_id, int(user_id)))
+            updates.append((conv_id, int(user_id), *new))
     if not updates:
         return
-    conn.executemany(
-        "UPDATE members SET delivered_seq = ?, read_seq = ? WHERE conv_id = ? AND user_id = ?",
-        updates,
+    conn.execute(
+        f"UPDATE members SET delivered_seq = k.c3, read_seq = k.c4 FROM {_KEYS}"
+        " WHERE members.conv_id = k.c1 AND members.user_id = k.c2",
+        (_json(updates),),
     )
     after = _aggregate(conn, conv_id)
     if after == before:
@@ -1265,27 +1272,30 @@ def _store_messages(conn: sqlite3.Connection, messages: list[Message]) -> None:
     The caller has already allocated the seqs and updated ``conversations.last_seq``, and
     fans the messages out (`_fan_out_now`) or queues them (`_queue_fanout`).
     """
-    conn.executemany(
-        f"INSERT INTO messages ({_MSG_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        [
-            (m.conv_id, m.seq, m.sender_id, m.sender_device, m.client_id, m.kind, m.body, m.ts)
-            for m in messages
-        ],
+    rows = [
+        (m.conv_id, m.seq, m.sender_id, m.sender_device, m.client_id, m.kind, m.body, m.ts)
+        for m in messages
+    ]
+    conn.execute(
+        f"INSERT INTO messages ({_MSG_COLS}) SELECT value ->> 0, value ->> 1, value ->> 2,"
+        " value ->> 3, value ->> 4, value ->> 5, value ->> 6, value ->> 7 FROM json_each(?)",
+        (_json(rows),),
     )
     # One update per (conversation, sender): messages are in seq order, so the last wins.
     own = {(m.conv_id, m.sender_id): m.seq for m in messages}
-    conn.executemany(
-        "UPDATE members SET delivered_seq = MAX(delivered_seq, ?), read_seq = MAX(read_seq, ?)"
-        " WHERE conv_id = ? AND user_id = ?",
-        [(seq, seq, conv, user) for (conv, user), seq in own.items()],
+    conn.execute(
+        "UPDATE members SET delivered_seq = MAX(delivered_seq, k.c3),"
+        f" read_seq = MAX(read_seq, k.c3) FROM {_KEYS}"
+        " WHERE members.conv_id = k.c1 AND members.user_id = k.c2",
+        (_json([(conv, user, seq) for (conv, user), seq in own.items()]),),
     )
 
 
 def _queue_fanout(conn: sqlite3.Connection, messages: list[Message]) -> None:
     """Leave the messages to the leased fan-out rounds (`_fanout_conversation`)."""
-    conn.executemany(
-        "INSERT INTO fanout_jobs (conv_id, seq) VALUES (?, ?)",
-        [(m.conv_id, m.seq) for m in messages],
+    conn.execute(
+        f"INSERT INTO fanout_jobs (conv_id, seq) SELECT k.c1, k.c2 FROM {_KEYS}",
+        (_json([(m.conv_id, m.seq) for m in messages]),),
     )
 
 
@@ -1303,12 +1313,13 @@ def _conversations_for_send(conn: sqlite3.Connection, conv_ids: list[int]) -> _S
     """One query rather than four: a round of a few sends spends more on statements than
     on rows, and each statement hands the GIL to the event loop and back."""
     context = _SendContext({}, set(), {}, {})
-    rows = _rows_for_keys(
+    rows = _json_rows(
         conn,
         "WITH cs AS MATERIALIZED (SELECT c.id, c.last_seq,"
         " EXISTS (SELECT 1 FROM fanout_jobs j WHERE j.conv_id = c.id) AS jobs"
-        " FROM {keys} JOIN conversations c ON c.id = k.column1)"
-        " SELECT cs.id, cs.last_seq, cs.jobs, m.user_id, u.inbox_head FROM cs"
+        f" FROM {_KEYS} JOIN conversations c ON c.id = k.c1)"
+        " SELECT json_group_array(json_array(cs.id, cs.last_seq, cs.jobs, m.user_id,"
+        " u.inbox_head)) FROM cs"
         " LEFT JOIN members m ON m.conv_id = cs.id LEFT JOIN users u ON u.id = m.user_id",
         [(conv,) for conv in conv_ids],
     )
@@ -1343,25 +1354,39 @@ def _fan_out_now(
     return fanned_out
 
 
-def _rows_for_keys(
-    conn: sqlite3.Connection, query: str, keys: Sequence[tuple[Any, ...]]
-) -> Iterator[Row]:
-    """The rows of ``query`` joined with ``keys``, one statement per chunk of keys.
+#: A batch of keys or rows passed as one JSON array of arrays (`_json`), as a table whose
+#: columns are ``k.c1`` to ``k.c4`` (a join on it is an index search per key).
+_KEYS = (
+    "(SELECT value ->> 0 AS c1, value ->> 1 AS c2, value ->> 2 AS c3, value ->> 3 AS c4"
+    " FROM json_each(?)) AS k"
+)
 
-    ``{keys}`` in the query becomes ``(VALUES (?, ...), ...) AS k``, whose columns are
-    ``k.column1``, ``k.column2``...: a join on VALUES is an index search per key (a
-    row-value IN list would scan the index). Chunks stay under SQLite's historical limit
-    of 999 parameters per statement.
+_encode_json = msgspec.json.Encoder().encode
+_decode_json = msgspec.json.Decoder(list[list[Any]]).decode
+
+
+def _json(rows: Sequence[Sequence[object]]) -> str:
+    """Rows as one JSON text, for one statement to read with `json_each` (`_KEYS`).
+
+    The sqlite3 module lets go of the GIL for each step of a statement: each row of an
+    executemany, each row fetched. Taking it back waits for the event loop thread to yield
+    it, so at direct max the writer spent ~40 % of its time waiting (docs/benchmarks.md,
+    fourth round). A statement over a JSON batch is one step however many rows it has.
+    Exact for integers and text without NUL (`SqliteStore._send_batch` refuses NUL).
     """
+    return _encode_json(rows).decode()
+
+
+def _json_rows(
+    conn: sqlite3.Connection, query: str, keys: Sequence[Sequence[object]]
+) -> list[list[Any]]:
+    """The rows of ``query`` over ``keys`` (it joins `_KEYS`), a query whose one value is
+    ``json_group_array(json_array(...))``: every row in one step. Integers and text only:
+    SQLite writes a REAL to JSON with 15 significant digits."""
     if not keys:
-        return
-    width = len(keys[0])
-    per = 999 // width
-    row = "(" + ", ".join("?" * width) + ")"
-    for start in range(0, len(keys), per):
-        chunk = keys[start : start + per]
-        values = f"(VALUES {', '.join([row] * len(chunk))}) AS k"
-        yield from conn.execute(query.format(keys=values), [part for key in chunk for part in key])
+        return []
+    (text,) = conn.execute(query, (_json(keys),)).fetchone()
+    return _decode_json(text)
 
 
 def _find_sent(
@@ -1370,12 +1395,13 @@ def _find_sent(
     """Sends already committed under these idempotency keys."""
     found: dict[tuple[int, str], SendResult] = {}
     # "sender_device <> 0" lets SQLite use the partial unique index.
-    rows = _rows_for_keys(
-        conn,
-        "SELECT m.sender_device, m.client_id, m.conv_id, m.seq, m.ts FROM {keys}"
-        " JOIN messages m ON m.sender_device = k.column1 AND m.client_id = k.column2"
+    # Rows fetched one by one (there are none but for retries): `ts` is a REAL, which
+    # SQLite would round to 15 digits in JSON.
+    rows = conn.execute(
+        f"SELECT m.sender_device, m.client_id, m.conv_id, m.seq, m.ts FROM {_KEYS}"
+        " JOIN messages m ON m.sender_device = k.c1 AND m.client_id = k.c2"
         " AND m.sender_device <> 0",
-        [k for k in keys if k[0] != 0],  # system messages have no key
+        (_json([k for k in keys if k[0] != 0]),),  # system messages have no key
     )
     for device, client_id, conv_id, seq, ts in rows:
         key = (int(device), str(client_id))
