@@ -48,3 +48,30 @@ async def test_commits_are_checkpointed_in_the_background(tmp_path: Path) -> Non
 async def test_the_writer_alone_does_not_checkpoint_small_wals(tmp_path: Path) -> None:
     """The control: without the background checkpoints the file does not grow."""
     assert not await grows_after_sends(tmp_path / "b.db", checkpoint_interval_s=3600, wait_s=1)
+
+
+async def wal_size_after_sends(db: Path, checkpoint_interval_s: float) -> int:
+    """The WAL file's size after 400 sends committed one by one (SQLite writes a WAL
+    again from its start once it has been checkpointed whole; it never shrinks the file)."""
+    store = SqliteStore(db, checkpoint_interval_s=checkpoint_interval_s, fsync=False)
+    await store.open()
+    try:
+        alice = await store.create_user("alice", "Alice", "x")
+        bob = await store.create_user("bob", "Bob", "x")
+        phone = await store.create_device(alice.id, "phone", "token-hash")
+        conv = await store.direct_conversation(alice.id, bob.id)
+        for i in range(400):
+            request = SendRequest(conv.id, alice.id, phone.id, f"c{i}", "text", "x" * 2000)
+            await store.send_message(request, 4096)
+        return size(db.with_name(db.name + "-wal"))
+    finally:
+        await store.close()
+
+
+async def test_the_wal_starts_over_after_background_checkpoints(tmp_path: Path) -> None:
+    """Background passes alone never leave the WAL wholly checkpointed while commits keep
+    coming; the writer's top-up after each pass does, so the WAL is written again from its
+    start instead of growing to the backstop (and being checkpointed inside a commit)."""
+    grown = await wal_size_after_sends(tmp_path / "c.db", checkpoint_interval_s=3600)
+    rewound = await wal_size_after_sends(tmp_path / "d.db", checkpoint_interval_s=0.01)
+    assert rewound < grown / 4, (rewound, grown)

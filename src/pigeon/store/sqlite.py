@@ -353,6 +353,7 @@ class SqliteStore:
         conn = self._wconn
         if conn is None:
             raise Unavailable("the store is closed")
+        self._checkpointer.top_up(conn)
         conn.execute("BEGIN IMMEDIATE")  # take the write lock now, not at the first write
         try:
             result = fn(conn)
