@@ -50,9 +50,15 @@ async def test_the_writer_alone_does_not_checkpoint_small_wals(tmp_path: Path) -
     assert not await grows_after_sends(tmp_path / "b.db", checkpoint_interval_s=3600, wait_s=1)
 
 
-async def wal_size_after_sends(db: Path, checkpoint_interval_s: float) -> int:
-    """The WAL file's size after 400 sends committed one by one (SQLite writes a WAL
-    again from its start once it has been checkpointed whole; it never shrinks the file)."""
+def wal_salt(db: Path) -> bytes:
+    """The WAL header's salts, which SQLite changes each time it starts the WAL over."""
+    with db.with_name(db.name + "-wal").open("rb") as wal:
+        return wal.read(32)[16:24]
+
+
+async def wal_starts_over(db: Path, checkpoint_interval_s: float, sends: int) -> bool:
+    """Whether the WAL is started over within ``sends`` sends committed one by one, far
+    below the writer's own threshold (BACKSTOP_PAGES)."""
     store = SqliteStore(db, checkpoint_interval_s=checkpoint_interval_s, fsync=False)
     await store.open()
     try:
@@ -60,10 +66,13 @@ async def wal_size_after_sends(db: Path, checkpoint_interval_s: float) -> int:
         bob = await store.create_user("bob", "Bob", "x")
         phone = await store.create_device(alice.id, "phone", "token-hash")
         conv = await store.direct_conversation(alice.id, bob.id)
-        for i in range(400):
-            request = SendRequest(conv.id, alice.id, phone.id, f"c{i}", "text", "x" * 2000)
+        salt = wal_salt(db)
+        for i in range(sends):
+            request = SendRequest(conv.id, alice.id, phone.id, f"c{i}", "text", "x" * 200)
             await store.send_message(request, 4096)
-        return size(db.with_name(db.name + "-wal"))
+            if wal_salt(db) != salt:
+                return True
+        return False
     finally:
         await store.close()
 
@@ -72,6 +81,9 @@ async def test_the_wal_starts_over_after_background_checkpoints(tmp_path: Path) 
     """Background passes alone never leave the WAL wholly checkpointed while commits keep
     coming; the writer's top-up after each pass does, so the WAL is written again from its
     start instead of growing to the backstop (and being checkpointed inside a commit)."""
-    grown = await wal_size_after_sends(tmp_path / "c.db", checkpoint_interval_s=3600)
-    rewound = await wal_size_after_sends(tmp_path / "d.db", checkpoint_interval_s=0.01)
-    assert rewound < grown / 4, (rewound, grown)
+    assert await wal_starts_over(tmp_path / "a.db", checkpoint_interval_s=0.01, sends=1000)
+
+
+async def test_without_checkpoints_the_wal_does_not_start_over(tmp_path: Path) -> None:
+    """The control: the salts change only when the WAL starts over."""
+    assert not await wal_starts_over(tmp_path / "b.db", checkpoint_interval_s=3600, sends=300)

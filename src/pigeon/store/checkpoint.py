@@ -84,8 +84,8 @@ class WalCheckpointer:
         """On the writer's thread, outside a transaction: after a background pass, copy
         the frames committed during it, so that the next transaction rewinds the WAL."""
         if self._top_up_due:
-            self._top_up_due = False
-            writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            (busy, _, _) = writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            self._top_up_due = bool(busy)  # a pass was under way: again before the next
 
     def _close(self) -> None:
         if self._conn is not None:
