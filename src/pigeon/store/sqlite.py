@@ -880,18 +880,20 @@ class SqliteStore:
             cursor_updates[device_id] = new_cursor
             moved.append((user_id, cursor, new_cursor))
         delivered = _highest_acked(conn, moved)
-        conn.executemany(
-            "UPDATE devices SET cursor = ? WHERE id = ?",
-            [(cursor, device) for device, cursor in cursor_updates.items()],
-        )
+        if cursor_updates:
+            conn.execute(
+                f"UPDATE devices SET cursor = k.c2 FROM {_KEYS} WHERE devices.id = k.c1",
+                (_json(list(cursor_updates.items())),),
+            )
         inbox = _InboxAppender(conn)
+        small: list[Move] = []
         for conv_id in sorted(delivered):
             users = delivered[conv_id]
             if self._detailed(conn, conv_id):
-                for user_id, seq in sorted(users.items()):
-                    _advance(conn, inbox, conv_id, user_id, seq, 0, now, self._detailed)
+                small += [(conv_id, user, seq, 0) for user, seq in sorted(users.items())]
             else:
-                _advance_group(conn, inbox, conv_id, users, now)
+                _advance_group(conn, inbox, conv_id, {u: (s, 0) for u, s in users.items()}, now)
+        _advance_small(conn, inbox, small, now)
         entries = inbox.flush()
         if entries and first_mover is not None:
             outcomes[first_mover] = entries
@@ -913,15 +915,17 @@ class SqliteStore:
 
     async def mark_read(self, user_id: int, conv_id: int, up_to_seq: int) -> list[InboxEntry]:
         def txn(conn: sqlite3.Connection) -> list[InboxEntry]:
+            now = self._clock()
             _require_member(conn, conv_id, user_id)
             last = _last_seq(conn, conv_id)
             if not 0 <= up_to_seq <= last:
                 raise BadPosition(f"seq {up_to_seq} is beyond the last message ({last})")
             inbox = _InboxAppender(conn)
             # Read implies delivered: both move.
-            _advance(
-                conn, inbox, conv_id, user_id, up_to_seq, up_to_seq, self._clock(), self._detailed
-            )
+            if self._detailed(conn, conv_id):
+                _advance_small(conn, inbox, [(conv_id, user_id, up_to_seq, up_to_seq)], now)
+            else:
+                _advance_group(conn, inbox, conv_id, {user_id: (up_to_seq, up_to_seq)}, now)
             return inbox.flush()
 
         return await self._write(txn)
@@ -1121,49 +1125,35 @@ def _highest_acked(
     return delivered
 
 
-def _advance(
-    conn: sqlite3.Connection,
-    inbox: _InboxAppender,
-    conv_id: int,
-    user_id: int,
-    delivered_to: int,
-    read_to: int,
-    now: float,
-    detailed_receipts: Callable[[sqlite3.Connection, int], bool],
+Move = tuple[int, int, int, int]  # (conv, user, delivered to, read to)
+
+
+def _advance_small(
+    conn: sqlite3.Connection, inbox: _InboxAppender, moves: list[Move], now: float
 ) -> None:
-    """Move a member's receipt positions forward (never back) and tell the senders of the
-    messages in the moved ranges: each sender once, with the member's new positions and
-    the aggregate; in a big group, only when the aggregate moves (`pigeon.store.receipts`)."""
-    row = conn.execute(
-        "SELECT delivered_seq, read_seq FROM members WHERE conv_id = ? AND user_id = ?",
-        (conv_id, user_id),
-    ).fetchone()
-    if row is None:  # left the conversation since: nothing to record
-        return
-    old = (int(row[0]), int(row[1]))
-    new = receipts.advance(old, delivered_to, read_to)
-    if new is None:
-        return
-    detailed = detailed_receipts(conn, conv_id)
-    before = None if detailed else _aggregate(conn, conv_id)
-    conn.execute(
-        "UPDATE members SET delivered_seq = ?, read_seq = ? WHERE conv_id = ? AND user_id = ?",
-        (*new, conv_id, user_id),
-    )
-    if detailed:
-        senders = _senders(conn, conv_id, user_id, receipts.moved_ranges(old, new))
-        if not senders:
-            return
-        state = ReceiptState(conv_id, user_id, *new, *_aggregate(conn, conv_id), now)
-    else:
-        assert before is not None
-        if not receipts.could_move_aggregate(old, before):
-            return
-        after = _aggregate(conn, conv_id)
-        senders = _senders(conn, conv_id, user_id, receipts.moved_ranges(before, after))
-        state = ReceiptState(conv_id, receipts.AGGREGATE_USER, *after, *after, now)
-    for sender in senders:
-        inbox.append(sender, conv_id, now, receipt=state)
+    """Move members' receipt positions in small conversations forward (never back) and
+    tell the senders of the messages in the moved ranges: each sender once per member,
+    with that member's new positions and the conversation's aggregate. All the moves of
+    a batch (an ack per device, from many conversations) in a few statements."""
+    pairs = [(conv, user) for conv, user, _, _ in moves]
+    old = {(c, u): (d, r) for c, u, d, r in _member_positions(conn, pairs)}
+    new: dict[tuple[int, int], receipts.Positions] = {}
+    ranges: list[tuple[int, int, int, int]] = []  # (conv, user, after, up to)
+    for conv, user, delivered_to, read_to in moves:
+        before = old.get((conv, user))
+        if before is None:  # left the conversation since: nothing to record
+            continue
+        moved = receipts.advance(before, delivered_to, read_to)
+        if moved is not None:
+            new[conv, user] = moved
+            ranges += [(conv, user, *r) for r in receipts.moved_ranges(before, moved)]
+    _set_positions(conn, [(conv, user, *positions) for (conv, user), positions in new.items()])
+    senders = _senders(conn, ranges)
+    aggregates = _aggregates(conn, sorted({conv for conv, _ in senders}))
+    for (conv, user), told in sorted(senders.items()):
+        state = ReceiptState(conv, user, *new[conv, user], *aggregates[conv], now)
+        for sender in sorted(told):
+            inbox.append(sender, conv, now, receipt=state)
 
 
 def _devices_with_heads(
@@ -1184,38 +1174,51 @@ def _advance_group(
     conn: sqlite3.Connection,
     inbox: _InboxAppender,
     conv_id: int,
-    delivered_to: dict[int, int],
+    moves: dict[int, receipts.Positions],
     now: float,
 ) -> None:
-    """`_advance` for many members of a big group at once: their delivered positions move
-    in one statement, and the senders hear of it only if the aggregate moved."""
-    before = _aggregate(conn, conv_id)
+    """`_advance_small` for members of a big group: their positions move (user -> the
+    delivered and read positions to move to), and the senders hear of it only if the
+    aggregate moved, in an entry of the aggregate alone (`pigeon.store.receipts`)."""
+    (before,) = _aggregates(conn, [conv_id]).values()
     updates: list[tuple[int, int, int, int]] = []  # (conv, user, delivered, read)
-    rows = _json_rows(
-        conn,
-        "SELECT json_group_array(json_array(m.user_id, m.delivered_seq, m.read_seq))"
-        f" FROM {_KEYS} JOIN members m ON m.conv_id = k.c1 AND m.user_id = k.c2",
-        [(conv_id, user) for user in sorted(delivered_to)],
-    )
-    for user_id, delivered, read in rows:
-        new = receipts.advance((int(delivered), int(read)), delivered_to[int(user_id)], 0)
+    for _, user, delivered, read in _member_positions(conn, [(conv_id, u) for u in moves]):
+        new = receipts.advance((delivered, read), *moves[user])
         if new is not None:
-            updates.append((conv_id, int(user_id), *new))
+            updates.append((conv_id, user, *new))
     if not updates:
         return
-    conn.execute(
-        f"UPDATE members SET delivered_seq = k.c3, read_seq = k.c4 FROM {_KEYS}"
-        " WHERE members.conv_id = k.c1 AND members.user_id = k.c2",
-        (_json(updates),),
-    )
-    after = _aggregate(conn, conv_id)
+    _set_positions(conn, updates)
+    (after,) = _aggregates(conn, [conv_id]).values()
     if after == before:
         return
     state = ReceiptState(conv_id, receipts.AGGREGATE_USER, *after, *after, now)
-    for sender in _senders(
-        conn, conv_id, receipts.AGGREGATE_USER, receipts.moved_ranges(before, after)
-    ):
+    ranges = [(conv_id, receipts.AGGREGATE_USER, *r) for r in receipts.moved_ranges(before, after)]
+    for sender in sorted(set().union(*_senders(conn, ranges).values())):
         inbox.append(sender, conv_id, now, receipt=state)
+
+
+def _member_positions(
+    conn: sqlite3.Connection, pairs: list[tuple[int, int]]
+) -> list[tuple[int, int, int, int]]:
+    """(conv, user, delivered, read) of the ``(conv, user)`` pairs that are members."""
+    rows = _json_rows(
+        conn,
+        "SELECT json_group_array(json_array(m.conv_id, m.user_id, m.delivered_seq,"
+        f" m.read_seq)) FROM {_KEYS} JOIN members m ON m.conv_id = k.c1 AND m.user_id = k.c2",
+        pairs,
+    )
+    return [(int(c), int(u), int(d), int(r)) for c, u, d, r in rows]
+
+
+def _set_positions(conn: sqlite3.Connection, updates: list[tuple[int, int, int, int]]) -> None:
+    """Write members' positions: ``(conv, user, delivered, read)``."""
+    if updates:
+        conn.execute(
+            f"UPDATE members SET delivered_seq = k.c3, read_seq = k.c4 FROM {_KEYS}"
+            " WHERE members.conv_id = k.c1 AND members.user_id = k.c2",
+            (_json(updates),),
+        )
 
 
 def _member_count_at_most(conn: sqlite3.Connection, conv_id: int, limit: int) -> bool:
@@ -1227,31 +1230,39 @@ def _member_count_at_most(conn: sqlite3.Connection, conv_id: int, limit: int) ->
     return int(row[0]) <= limit
 
 
-def _aggregate(conn: sqlite3.Connection, conv_id: int) -> tuple[int, int]:
-    """(min delivered, min read) over the members: two index lookups (0002 migration)."""
-    delivered, read = conn.execute(
-        "SELECT (SELECT MIN(delivered_seq) FROM members WHERE conv_id = ?1),"
-        " (SELECT MIN(read_seq) FROM members WHERE conv_id = ?1)",
-        (conv_id,),
-    ).fetchone()
-    return int(delivered or 0), int(read or 0)
+def _aggregates(conn: sqlite3.Connection, conv_ids: list[int]) -> dict[int, receipts.Positions]:
+    """conv -> (min delivered, min read) over its members: two index lookups each (0002
+    migration)."""
+    rows = _json_rows(
+        conn,
+        "SELECT json_group_array(json_array(k.c1,"
+        " (SELECT MIN(delivered_seq) FROM members WHERE conv_id = k.c1),"
+        f" (SELECT MIN(read_seq) FROM members WHERE conv_id = k.c1))) FROM {_KEYS}",
+        [(conv,) for conv in conv_ids],
+    )
+    return {int(conv): (int(d or 0), int(r or 0)) for conv, d, r in rows}
 
 
 def _senders(
-    conn: sqlite3.Connection, conv_id: int, except_user: int, ranges: list[tuple[int, int]]
-) -> list[int]:
-    """Current members other than ``except_user`` who sent a user message in the ranges."""
-    found: set[int] = set()
-    for after, up_to in ranges:
-        rows = conn.execute(
-            "SELECT DISTINCT m.sender_id FROM messages m"
-            " WHERE m.conv_id = ? AND m.seq > ? AND m.seq <= ? AND m.sender_id <> ?"
-            " AND m.kind <> 'system' AND EXISTS (SELECT 1 FROM members mm"
-            " WHERE mm.conv_id = m.conv_id AND mm.user_id = m.sender_id)",
-            (conv_id, after, up_to, except_user),
-        )
-        found.update(int(r[0]) for r in rows)
-    return sorted(found)
+    conn: sqlite3.Connection, ranges: list[tuple[int, int, int, int]]
+) -> dict[tuple[int, int], set[int]]:
+    """For ranges ``(conv, user, after, up to]`` of seqs: (conv, user) -> the current
+    members other than ``user`` who sent a user message in them (pairs with none are
+    left out)."""
+    rows = _json_rows(
+        conn,
+        "SELECT json_group_array(json_array(conv, user, sender)) FROM"
+        " (SELECT DISTINCT k.c1 AS conv, k.c2 AS user, m.sender_id AS sender"
+        f" FROM {_KEYS} JOIN messages m ON m.conv_id = k.c1 AND m.seq > k.c3"
+        " AND m.seq <= k.c4 WHERE m.sender_id <> k.c2 AND m.kind <> 'system'"
+        " AND EXISTS (SELECT 1 FROM members mm"
+        " WHERE mm.conv_id = m.conv_id AND mm.user_id = m.sender_id))",
+        ranges,
+    )
+    found: dict[tuple[int, int], set[int]] = {}
+    for conv, user, sender in rows:
+        found.setdefault((int(conv), int(user)), set()).add(int(sender))
+    return found
 
 
 def _in_savepoint(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T | Exception:
@@ -1428,10 +1439,10 @@ def _insert_members(
     now: float,
     last_seq: int,
 ) -> None:
-    conn.executemany(
+    conn.execute(
         "INSERT INTO members (conv_id, user_id, role, joined_at, joined_seq, delivered_seq,"
-        " read_seq) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        [(conv_id, user, role, now, last_seq, last_seq, last_seq) for user, role in roles],
+        f" read_seq) SELECT ?1, k.c1, k.c2, ?2, ?3, ?3, ?3 FROM {_KEYS}",
+        (conv_id, now, last_seq, _json(list(roles))),
     )
 
 
