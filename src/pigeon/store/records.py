@@ -6,11 +6,11 @@ asyncpg Record).
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar, cast
+
+import msgspec
 
 from pigeon.store.models import (
     Conversation,
@@ -69,15 +69,21 @@ def message(row: Row) -> Message:
     )
 
 
+# msgspec: json.dumps(dataclasses.asdict(...)) took ~16 us a receipt and json.loads ~5 on
+# this machine; these take ~0.5. Same text: the fields in order, no spaces.
+_encode_receipt = msgspec.json.Encoder().encode
+_decode_receipt = msgspec.json.Decoder(ReceiptState).decode
+
+
 def receipt_json(state: ReceiptState) -> str:
-    return json.dumps(dataclasses.asdict(state), separators=(",", ":"))
+    return _encode_receipt(state).decode()
 
 
 def inbox_entry(row: Row) -> InboxEntry:
     """(user_id, inbox_seq, conv_id, ts, receipt JSON, then the message's columns or NULLs)."""
     user_id, inbox_seq, conv_id, ts, receipt = row[:5]
     msg = None if row[5] is None else message(row[5:])
-    state = None if receipt is None else ReceiptState(**json.loads(receipt))
+    state = None if receipt is None else _decode_receipt(receipt)
     return InboxEntry(
         int(user_id), int(inbox_seq), int(conv_id), float(ts), message=msg, receipt=state
     )
