@@ -179,6 +179,7 @@ class SqliteStore:
 
     def _open_writer(self) -> None:
         conn = self._connect()
+        _require_features(conn)
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_PAGES}")  # see WalCheckpointer
         _migrate(conn, self._clock)
@@ -1028,8 +1029,7 @@ class _InboxAppender:
             return []
         self._conn.execute(
             "INSERT INTO inbox (user_id, inbox_seq, conv_id, msg_seq, receipt, ts)"
-            " SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4,"
-            " value ->> 5 FROM json_each(?)",
+            f" SELECT {_fields(6)} FROM json_each(?)",
             (_json(self._rows),),
         )
         self._conn.execute(
@@ -1289,8 +1289,7 @@ def _store_messages(conn: sqlite3.Connection, messages: list[Message]) -> None:
         for m in messages
     ]
     conn.execute(
-        f"INSERT INTO messages ({_MSG_COLS}) SELECT value ->> 0, value ->> 1, value ->> 2,"
-        " value ->> 3, value ->> 4, value ->> 5, value ->> 6, value ->> 7 FROM json_each(?)",
+        f"INSERT INTO messages ({_MSG_COLS}) SELECT {_fields(8)} FROM json_each(?)",
         (_json(rows),),
     )
     # One update per (conversation, sender): messages are in seq order, so the last wins.
@@ -1366,12 +1365,28 @@ def _fan_out_now(
     return fanned_out
 
 
+def _require_features(conn: sqlite3.Connection) -> None:
+    """Fail at start, not at the first send, on an SQLite without what the writer uses:
+    ``UPDATE ... FROM`` (3.33) and the JSON functions."""
+    if sqlite3.sqlite_version_info < (3, 33, 0):
+        raise sqlite3.NotSupportedError(f"SQLite {sqlite3.sqlite_version}: 3.33 or newer needed")
+    conn.execute("SELECT json_extract('[1]', '$[0]') FROM json_each('[1]')").fetchall()
+
+
+def _field(index: int) -> str:
+    """Item ``index`` of the JSON row in `json_each`'s ``value``, as an SQL value.
+    (``json_extract`` rather than ``->>``: the operator needs SQLite 3.38, and Ubuntu
+    22.04's Python 3.11 builds link 3.37.)"""
+    return f"json_extract(value, '$[{index}]')"
+
+
+def _fields(count: int) -> str:
+    return ", ".join(_field(i) for i in range(count))
+
+
 #: A batch of keys or rows passed as one JSON array of arrays (`_json`), as a table whose
 #: columns are ``k.c1`` to ``k.c4`` (a join on it is an index search per key).
-_KEYS = (
-    "(SELECT value ->> 0 AS c1, value ->> 1 AS c2, value ->> 2 AS c3, value ->> 3 AS c4"
-    " FROM json_each(?)) AS k"
-)
+_KEYS = f"(SELECT {', '.join(f'{_field(i)} AS c{i + 1}' for i in range(4))} FROM json_each(?)) AS k"
 
 _encode_json = msgspec.json.Encoder().encode
 _decode_json = msgspec.json.Decoder(list[list[Any]]).decode
