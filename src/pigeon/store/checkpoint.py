@@ -84,7 +84,11 @@ class WalCheckpointer:
         """On the writer's thread, outside a transaction: after a background pass, copy
         the frames committed during it, so that the next transaction rewinds the WAL."""
         if self._top_up_due:
-            (busy, _, _) = writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            try:
+                (busy, _, _) = writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            except sqlite3.Error as exc:  # never the round's failure: the next pass retries
+                log.warning("WAL checkpoint top-up failed: %s", exc)
+                busy = 0
             self._top_up_due = bool(busy)  # a pass was under way: again before the next
 
     def _close(self) -> None:
