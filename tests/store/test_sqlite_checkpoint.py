@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from pigeon.store.models import SendRequest
@@ -13,20 +15,36 @@ def size(path: Path) -> int:
     return path.stat().st_size
 
 
-async def grows_after_sends(db: Path, checkpoint_interval_s: float, wait_s: float) -> bool:
-    """Whether the database file grows within ``wait_s`` after 300 committed sends (a WAL
-    checkpoint is what copies committed pages into it)."""
-    store = SqliteStore(db, checkpoint_interval_s=checkpoint_interval_s)
+@contextlib.asynccontextmanager
+async def alice_writing_to_bob(
+    store: SqliteStore,
+) -> AsyncIterator[Callable[[int, str], Awaitable[object]]]:
+    """The store open, with Alice and Bob's direct conversation; yields ``send(i, body)``,
+    which commits Alice's message number ``i``. Closes the store after."""
     await store.open()
     try:
         alice = await store.create_user("alice", "Alice", "x")
         bob = await store.create_user("bob", "Bob", "x")
         phone = await store.create_device(alice.id, "phone", "token-hash")
         conv = await store.direct_conversation(alice.id, bob.id)
+
+        async def send(i: int, body: str) -> object:
+            request = SendRequest(conv.id, alice.id, phone.id, f"c{i}", "text", body)
+            return await store.send_message(request, 4096)
+
+        yield send
+    finally:
+        await store.close()
+
+
+async def grows_after_sends(db: Path, checkpoint_interval_s: float, wait_s: float) -> bool:
+    """Whether the database file grows within ``wait_s`` after 300 committed sends (a WAL
+    checkpoint is what copies committed pages into it)."""
+    store = SqliteStore(db, checkpoint_interval_s=checkpoint_interval_s)
+    async with alice_writing_to_bob(store) as send:
         db_size = size(db)
         for i in range(300):
-            request = SendRequest(conv.id, alice.id, phone.id, f"c{i}", "text", "x" * 500)
-            await store.send_message(request, 4096)
+            await send(i, "x" * 500)
 
         async def grown() -> bool:
             return size(db) > db_size
@@ -36,8 +54,6 @@ async def grows_after_sends(db: Path, checkpoint_interval_s: float, wait_s: floa
         except TimeoutError:
             return False
         return True
-    finally:
-        await store.close()
 
 
 async def test_commits_are_checkpointed_in_the_background(tmp_path: Path) -> None:
@@ -60,21 +76,13 @@ async def wal_starts_over(db: Path, checkpoint_interval_s: float, sends: int) ->
     """Whether the WAL is started over within ``sends`` sends committed one by one, far
     below the writer's own threshold (BACKSTOP_PAGES)."""
     store = SqliteStore(db, checkpoint_interval_s=checkpoint_interval_s, fsync=False)
-    await store.open()
-    try:
-        alice = await store.create_user("alice", "Alice", "x")
-        bob = await store.create_user("bob", "Bob", "x")
-        phone = await store.create_device(alice.id, "phone", "token-hash")
-        conv = await store.direct_conversation(alice.id, bob.id)
+    async with alice_writing_to_bob(store) as send:
         salt = wal_salt(db)
         for i in range(sends):
-            request = SendRequest(conv.id, alice.id, phone.id, f"c{i}", "text", "x" * 200)
-            await store.send_message(request, 4096)
+            await send(i, "x" * 200)
             if wal_salt(db) != salt:
                 return True
         return False
-    finally:
-        await store.close()
 
 
 async def test_the_wal_starts_over_after_background_checkpoints(tmp_path: Path) -> None:
