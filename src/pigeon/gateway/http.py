@@ -6,7 +6,6 @@ Errors are RFC 9457 problem bodies: ``{"type", "title", "status", "code", "detai
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal, TypeVar
@@ -115,8 +114,8 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 
 def to_json(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {k: to_json(v) for k, v in dataclasses.asdict(value).items()}
+    if isinstance(value, msgspec.Struct):
+        return {name: to_json(getattr(value, name)) for name in value.__struct_fields__}
     if isinstance(value, list | tuple):
         return [to_json(v) for v in value]
     return value

@@ -1,9 +1,17 @@
-"""Plain records the store returns. Times are Unix seconds (float)."""
+"""Plain records the store returns. Times are Unix seconds (float).
+
+Immutable msgspec Structs, not frozen dataclasses: a writer round creates several per
+message (the message, its result, an inbox entry per recipient) and a frozen dataclass
+sets each field through ``object.__setattr__``. A direct message's four records took
+~4.5 us as frozen dataclasses on the benchmark machine, ~0.7 us as Structs. ``gc=False``:
+they hold only numbers, text and other records, never a cycle.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Literal
+
+import msgspec
 
 ConversationKind = Literal["direct", "group"]
 Role = Literal["admin", "member"]
@@ -12,16 +20,14 @@ Role = Literal["admin", "member"]
 MessageKind = str
 
 
-@dataclass(frozen=True, slots=True)
-class User:
+class User(msgspec.Struct, frozen=True, gc=False):
     id: int
     username: str
     display_name: str
     created_at: float
 
 
-@dataclass(frozen=True, slots=True)
-class Device:
+class Device(msgspec.Struct, frozen=True, gc=False):
     id: int
     user_id: int
     name: str
@@ -30,8 +36,7 @@ class Device:
     cursor: int  # highest inbox_seq this device acked
 
 
-@dataclass(frozen=True, slots=True)
-class Member:
+class Member(msgspec.Struct, frozen=True, gc=False):
     user_id: int
     role: Role
     joined_at: float
@@ -39,8 +44,7 @@ class Member:
     read_seq: int
 
 
-@dataclass(frozen=True, slots=True)
-class Conversation:
+class Conversation(msgspec.Struct, frozen=True, gc=False):
     id: int
     kind: ConversationKind
     title: str
@@ -49,8 +53,7 @@ class Conversation:
     members: tuple[Member, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
+class Message(msgspec.Struct, frozen=True, gc=False):
     conv_id: int
     seq: int
     sender_id: int
@@ -61,8 +64,7 @@ class Message:
     ts: float
 
 
-@dataclass(frozen=True, slots=True)
-class ReceiptState:
+class ReceiptState(msgspec.Struct, frozen=True, gc=False):
     """One member's cumulative receipt in a conversation, and the conversation's aggregate.
 
     The aggregate is the minimum over all current members. A sender's own positions move
@@ -79,8 +81,7 @@ class ReceiptState:
     ts: float
 
 
-@dataclass(frozen=True, slots=True)
-class InboxEntry:
+class InboxEntry(msgspec.Struct, frozen=True, gc=False):
     """One position in a user's inbox: a message, or a receipt addressed to that user."""
 
     user_id: int
@@ -91,8 +92,7 @@ class InboxEntry:
     receipt: ReceiptState | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class SendRequest:
+class SendRequest(msgspec.Struct, frozen=True, gc=False):
     conv_id: int
     sender_id: int
     sender_device: int
@@ -101,8 +101,7 @@ class SendRequest:
     body: str
 
 
-@dataclass(frozen=True, slots=True)
-class SendResult:
+class SendResult(msgspec.Struct, frozen=True, gc=False):
     conv_id: int
     seq: int
     ts: float
@@ -110,25 +109,22 @@ class SendResult:
     duplicate: bool  # True when (sender_device, client_id) was already committed
 
 
-@dataclass(frozen=True, slots=True)
-class ConversationSummary:
+class ConversationSummary(msgspec.Struct, frozen=True, gc=False):
     conversation: Conversation  # with members
     last_message: Message | None
     unread: int  # messages after my read_seq that others sent
 
 
-@dataclass(frozen=True, slots=True)
-class InboxBounds:
+class InboxBounds(msgspec.Struct, frozen=True, gc=False):
     floor: int  # entries at or below this position were pruned (retention)
     head: int  # newest position
 
 
-@dataclass(slots=True)
-class FanoutBatch:
-    entries: list[InboxEntry] = field(default_factory=list)
+class FanoutBatch(msgspec.Struct):
+    entries: list[InboxEntry] = msgspec.field(default_factory=list)
     more: bool = False  # more pending work was seen; call again without waiting
     #: conversations this batch wrote entries for; confirm with `Store.fanout_pushed`
-    convs: list[int] = field(default_factory=list)
+    convs: list[int] = msgspec.field(default_factory=list)
     #: users whose entries another worker committed but (it died) never pushed: tell their
     #: gateways to read the inbox
-    nudge_users: list[int] = field(default_factory=list)
+    nudge_users: list[int] = msgspec.field(default_factory=list)

@@ -700,7 +700,7 @@ class SqliteStore:
             # A retry returns the original result, even if membership changed since.
             prior = sent.get(key) or committed.get(key)
             if prior is not None:
-                outcomes.append(dataclasses.replace(prior, duplicate=True))
+                outcomes.append(msgspec.structs.replace(prior, duplicate=True))
                 continue
             if req.sender_id not in members.get(req.conv_id, ()):
                 outcomes.append(NotMember(f"not a member of conversation {req.conv_id}"))
