@@ -777,7 +777,7 @@ class SqliteStore:
         # conversation does not starve the others.
         order = [c for c in convs if c > self._fanout_after]
         order += [c for c in convs if c <= self._fanout_after]
-        inbox = _InboxAppender(conn)
+        inbox = _InboxAppender(conn, now)
         batch = FanoutBatch()
         budget = max_messages
         for conv_id in order:
@@ -886,7 +886,7 @@ class SqliteStore:
                 f"UPDATE devices SET cursor = k.c2 FROM {_KEYS} WHERE devices.id = k.c1",
                 (_json(list(cursor_updates.items())),),
             )
-        inbox = _InboxAppender(conn)
+        inbox = _InboxAppender(conn, now)
         small: list[Move] = []
         for conv_id in sorted(delivered):
             users = delivered[conv_id]
@@ -921,7 +921,7 @@ class SqliteStore:
             last = _last_seq(conn, conv_id)
             if not 0 <= up_to_seq <= last:
                 raise BadPosition(f"seq {up_to_seq} is beyond the last message ({last})")
-            inbox = _InboxAppender(conn)
+            inbox = _InboxAppender(conn, now)
             # Read implies delivered: both move.
             if self._detailed(conn, conv_id):
                 _advance_small(conn, inbox, [(conv_id, user_id, up_to_seq, up_to_seq)], now)
@@ -988,11 +988,12 @@ class _InboxAppender:
     """Allocates inbox positions within one transaction and writes the entries in bulk.
 
     Each user's head is read once and written back once per transaction, instead of one
-    UPDATE per entry.
+    UPDATE per entry. Every entry of a transaction carries its time, ``now``.
     """
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, now: float) -> None:
         self._conn = conn
+        self._now = now
         self._heads: dict[int, int] = {}
         self._rows: list[Row] = []
         self._entries: list[InboxEntry] = []
@@ -1007,7 +1008,6 @@ class _InboxAppender:
         self,
         user_id: int,
         conv_id: int,
-        ts: float,
         message: Message | None = None,
         receipt: ReceiptState | None = None,
     ) -> InboxEntry:
@@ -1018,8 +1018,8 @@ class _InboxAppender:
         self._heads[user_id] = head
         msg_seq = message.seq if message is not None else None
         receipt_json = records.receipt_json(receipt) if receipt is not None else None
-        self._rows.append((user_id, head, conv_id, msg_seq, receipt_json, ts))
-        entry = InboxEntry(user_id, head, conv_id, ts, message=message, receipt=receipt)
+        self._rows.append((user_id, head, conv_id, msg_seq, receipt_json))
+        entry = InboxEntry(user_id, head, conv_id, self._now, message=message, receipt=receipt)
         self._entries.append(entry)
         return entry
 
@@ -1029,8 +1029,8 @@ class _InboxAppender:
             return []
         self._conn.execute(
             "INSERT INTO inbox (user_id, inbox_seq, conv_id, msg_seq, receipt, ts)"
-            f" SELECT {_fields(6)} FROM json_each(?)",
-            (_json(self._rows),),
+            f" SELECT {_fields(5)}, ?1 FROM json_each(?2)",
+            (self._now, _json(self._rows)),
         )
         self._conn.execute(
             f"UPDATE users SET inbox_head = k.c2 FROM {_KEYS} WHERE users.id = k.c1",
@@ -1072,7 +1072,7 @@ def _fanout_conversation(
         for user, after, until in departed:
             if after < message.seq <= until and user not in targets:
                 targets.append(user)
-        entries += [inbox.append(u, conv_id, now, message=message) for u in targets]
+        entries += [inbox.append(u, conv_id, message=message) for u in targets]
     conn.execute("DELETE FROM fanout_jobs WHERE conv_id = ? AND seq <= ?", (conv_id, last))
     remaining = conn.execute(
         "SELECT EXISTS (SELECT 1 FROM fanout_jobs WHERE conv_id = ?)", (conv_id,)
@@ -1153,7 +1153,7 @@ def _advance_small(
     for (conv, user), told in sorted(senders.items()):
         state = ReceiptState(conv, user, *new[conv, user], *aggregates[conv], now)
         for sender in sorted(told):
-            inbox.append(sender, conv, now, receipt=state)
+            inbox.append(sender, conv, receipt=state)
 
 
 def _devices_with_heads(
@@ -1195,7 +1195,7 @@ def _advance_group(
     state = ReceiptState(conv_id, receipts.AGGREGATE_USER, *after, *after, now)
     ranges = [(conv_id, receipts.AGGREGATE_USER, *r) for r in receipts.moved_ranges(before, after)]
     for sender in sorted(set().union(*_senders(conn, ranges).values())):
-        inbox.append(sender, conv_id, now, receipt=state)
+        inbox.append(sender, conv_id, receipt=state)
 
 
 def _member_positions(
@@ -1354,11 +1354,11 @@ def _fan_out_now(
     """
     if not messages:
         return []
-    inbox = _InboxAppender(conn)
+    inbox = _InboxAppender(conn, now)
     inbox.seed(context.heads)
     members = context.members
     fanned_out = [
-        [inbox.append(user, m.conv_id, now, message=m) for user in members.get(m.conv_id, ())]
+        [inbox.append(user, m.conv_id, message=m) for user in members.get(m.conv_id, ())]
         for m in messages
     ]
     inbox.flush()
