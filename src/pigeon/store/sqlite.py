@@ -860,7 +860,6 @@ class SqliteStore:
         The receipt entries of the whole batch are returned to the first caller that moved
         anything (it pushes them); the others get an empty list.
         """
-        now = self._clock()
         devices = _devices_with_heads(conn, sorted({device for device, _ in acks}))
         outcomes: list[list[InboxEntry] | StoreError] = []
         cursor_updates: dict[int, int] = {}
@@ -886,19 +885,34 @@ class SqliteStore:
                 f"UPDATE devices SET cursor = k.c2 FROM {_KEYS} WHERE devices.id = k.c1",
                 (_json(list(cursor_updates.items())),),
             )
-        inbox = _InboxAppender(conn, now)
-        small: list[Move] = []
-        for conv_id in sorted(delivered):
-            users = delivered[conv_id]
-            if self._detailed(conn, conv_id):
-                small += [(conv_id, user, seq, 0) for user, seq in sorted(users.items())]
-            else:
-                _advance_group(conn, inbox, conv_id, {u: (s, 0) for u, s in users.items()}, now)
-        _advance_small(conn, inbox, small, now)
+        inbox = _InboxAppender(conn, self._clock())
+        self._advance(
+            conn,
+            inbox,
+            [
+                (conv, user, seq, 0)
+                for conv in sorted(delivered)
+                for user, seq in sorted(delivered[conv].items())
+            ],
+        )
         entries = inbox.flush()
         if entries and first_mover is not None:
             outcomes[first_mover] = entries
         return outcomes
+
+    def _advance(self, conn: sqlite3.Connection, inbox: _InboxAppender, moves: list[Move]) -> None:
+        """Move members' receipt positions: the small conversations' moves together
+        (`_advance_small`), each big group's on its own (`_advance_group`)."""
+        small: list[Move] = []
+        groups: dict[int, dict[int, receipts.Positions]] = {}
+        for conv, user, delivered_to, read_to in moves:
+            if self._detailed(conn, conv):
+                small.append((conv, user, delivered_to, read_to))
+            else:
+                groups.setdefault(conv, {})[user] = (delivered_to, read_to)
+        for conv, group_moves in groups.items():
+            _advance_group(conn, inbox, conv, group_moves)
+        _advance_small(conn, inbox, small)
 
     def _detailed(self, conn: sqlite3.Connection, conv_id: int) -> bool:
         """Whether members' receipts are told one by one (small conversations). Cached for
@@ -916,17 +930,13 @@ class SqliteStore:
 
     async def mark_read(self, user_id: int, conv_id: int, up_to_seq: int) -> list[InboxEntry]:
         def txn(conn: sqlite3.Connection) -> list[InboxEntry]:
-            now = self._clock()
             _require_member(conn, conv_id, user_id)
             last = _last_seq(conn, conv_id)
             if not 0 <= up_to_seq <= last:
                 raise BadPosition(f"seq {up_to_seq} is beyond the last message ({last})")
-            inbox = _InboxAppender(conn, now)
+            inbox = _InboxAppender(conn, self._clock())
             # Read implies delivered: both move.
-            if self._detailed(conn, conv_id):
-                _advance_small(conn, inbox, [(conv_id, user_id, up_to_seq, up_to_seq)], now)
-            else:
-                _advance_group(conn, inbox, conv_id, {user_id: (up_to_seq, up_to_seq)}, now)
+            self._advance(conn, inbox, [(conv_id, user_id, up_to_seq, up_to_seq)])
             return inbox.flush()
 
         return await self._write(txn)
@@ -993,7 +1003,7 @@ class _InboxAppender:
 
     def __init__(self, conn: sqlite3.Connection, now: float) -> None:
         self._conn = conn
-        self._now = now
+        self.now = now
         self._heads: dict[int, int] = {}
         self._rows: list[Row] = []
         self._entries: list[InboxEntry] = []
@@ -1019,7 +1029,7 @@ class _InboxAppender:
         msg_seq = message.seq if message is not None else None
         receipt_json = records.receipt_json(receipt) if receipt is not None else None
         self._rows.append((user_id, head, conv_id, msg_seq, receipt_json))
-        entry = InboxEntry(user_id, head, conv_id, self._now, message=message, receipt=receipt)
+        entry = InboxEntry(user_id, head, conv_id, self.now, message=message, receipt=receipt)
         self._entries.append(entry)
         return entry
 
@@ -1030,7 +1040,7 @@ class _InboxAppender:
         self._conn.execute(
             "INSERT INTO inbox (user_id, inbox_seq, conv_id, msg_seq, receipt, ts)"
             f" SELECT {_fields(5)}, ?1 FROM json_each(?2)",
-            (self._now, _json(self._rows)),
+            (self.now, _json(self._rows)),
         )
         self._conn.execute(
             f"UPDATE users SET inbox_head = k.c2 FROM {_KEYS} WHERE users.id = k.c1",
@@ -1119,18 +1129,15 @@ def _highest_acked(
         " WHERE i.msg_seq IS NOT NULL GROUP BY k.c1, i.conv_id)",
         ranges,
     )
-    for user_id, conv_id, seq in rows:
-        users = delivered.setdefault(int(conv_id), {})
-        users[int(user_id)] = max(users.get(int(user_id), 0), int(seq))
+    for user_id, conv_id, seq in rows:  # one row per (user, conv): grouped
+        delivered.setdefault(int(conv_id), {})[int(user_id)] = int(seq)
     return delivered
 
 
 Move = tuple[int, int, int, int]  # (conv, user, delivered to, read to)
 
 
-def _advance_small(
-    conn: sqlite3.Connection, inbox: _InboxAppender, moves: list[Move], now: float
-) -> None:
+def _advance_small(conn: sqlite3.Connection, inbox: _InboxAppender, moves: list[Move]) -> None:
     """Move members' receipt positions in small conversations forward (never back) and
     tell the senders of the messages in the moved ranges: each sender once per member,
     with that member's new positions and the conversation's aggregate. All the moves of
@@ -1151,7 +1158,7 @@ def _advance_small(
     senders = _senders(conn, ranges)
     aggregates = _aggregates(conn, sorted({conv for conv, _ in senders}))
     for (conv, user), told in sorted(senders.items()):
-        state = ReceiptState(conv, user, *new[conv, user], *aggregates[conv], now)
+        state = ReceiptState(conv, user, *new[conv, user], *aggregates[conv], inbox.now)
         for sender in sorted(told):
             inbox.append(sender, conv, receipt=state)
 
@@ -1175,7 +1182,6 @@ def _advance_group(
     inbox: _InboxAppender,
     conv_id: int,
     moves: dict[int, receipts.Positions],
-    now: float,
 ) -> None:
     """`_advance_small` for members of a big group: their positions move (user -> the
     delivered and read positions to move to), and the senders hear of it only if the
@@ -1192,7 +1198,7 @@ def _advance_group(
     (after,) = _aggregates(conn, [conv_id]).values()
     if after == before:
         return
-    state = ReceiptState(conv_id, receipts.AGGREGATE_USER, *after, *after, now)
+    state = ReceiptState(conv_id, receipts.AGGREGATE_USER, *after, *after, inbox.now)
     ranges = [(conv_id, receipts.AGGREGATE_USER, *r) for r in receipts.moved_ranges(before, after)]
     for sender in sorted(set().union(*_senders(conn, ranges).values())):
         inbox.append(sender, conv_id, receipt=state)
@@ -1305,7 +1311,7 @@ def _store_messages(conn: sqlite3.Connection, messages: list[Message]) -> None:
 def _queue_fanout(conn: sqlite3.Connection, messages: list[Message]) -> None:
     """Leave the messages to the leased fan-out rounds (`_fanout_conversation`)."""
     conn.execute(
-        f"INSERT INTO fanout_jobs (conv_id, seq) SELECT k.c1, k.c2 FROM {_KEYS}",
+        f"INSERT INTO fanout_jobs (conv_id, seq) SELECT {_fields(2)} FROM json_each(?)",
         (_json([(m.conv_id, m.seq) for m in messages]),),
     )
 
@@ -1456,7 +1462,7 @@ def _insert_members(
 ) -> None:
     conn.execute(
         "INSERT INTO members (conv_id, user_id, role, joined_at, joined_seq, delivered_seq,"
-        f" read_seq) SELECT ?1, k.c1, k.c2, ?2, ?3, ?3, ?3 FROM {_KEYS}",
+        f" read_seq) SELECT ?1, {_fields(2)}, ?2, ?3, ?3, ?3 FROM json_each(?4)",
         (conv_id, now, last_seq, _json(list(roles))),
     )
 
