@@ -18,7 +18,7 @@ async def test_temporary_tables_stay_in_memory(tmp_path: Path) -> None:
         def temp_store(conn: sqlite3.Connection) -> int:
             return int(conn.execute("PRAGMA temp_store").fetchone()[0])
 
-        assert await store._write(temp_store) == MEMORY
+        assert await store._writer.write(temp_store) == MEMORY
         assert await store._read(temp_store) == MEMORY
     finally:
         await store.close()
