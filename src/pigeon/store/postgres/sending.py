@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 from collections import deque
 from collections.abc import Sequence
 
@@ -19,6 +18,7 @@ import asyncpg
 
 from pigeon.store import records
 from pigeon.store.errors import NotMember, StoreError, refused_send
+from pigeon.store.membership import Departure, departures, recipients
 from pigeon.store.models import (
     FanoutBatch,
     InboxEntry,
@@ -358,16 +358,13 @@ async def _fanout_conversation(
     members = await conn.fetch(
         "SELECT user_id, joined_seq FROM members WHERE conv_id = $1 ORDER BY user_id", conv_id
     )
+    joined = [(int(user), int(joined_seq)) for user, joined_seq in members]
     departed = await _pending_departures(conn, conv_id)
     last = 0
     for row in rows:
         message = records.message(row)
         last = message.seq
-        targets = [int(u) for u, joined_seq in members if joined_seq < message.seq]
-        for user, after, until in departed:
-            if after < message.seq <= until and user not in targets:
-                targets.append(user)
-        for user in targets:
+        for user in recipients(joined, departed, message.seq):
             inbox.append(user, conv_id, now, message=message)
     remaining = await conn.fetchval(
         "WITH gone AS (DELETE FROM fanout_jobs WHERE conv_id = $1 AND seq <= $2)"
@@ -378,29 +375,14 @@ async def _fanout_conversation(
     return _ConversationFanout(len(rows), bool(remaining))
 
 
-async def _pending_departures(conn: Conn, conv_id: int) -> list[tuple[int, int, int]]:
-    """``(user, after, until)``: a user no longer in the members table was a member for
-    the messages ``after < seq <= until``, according to the system messages not yet fanned
-    out (a membership change is committed with its system message, so these are exactly
-    the changes fan-out has not caught up with)."""
+async def _pending_departures(conn: Conn, conv_id: int) -> list[Departure]:
     events = await conn.fetch(
         "SELECT m.seq, m.body FROM fanout_jobs j"
         " JOIN messages m ON m.conv_id = j.conv_id AND m.seq = j.seq"
         " WHERE j.conv_id = $1 AND m.kind = 'system' ORDER BY j.seq",
         conv_id,
     )
-    joined_after: dict[int, int] = {}  # user -> seq before the pending "added" message
-    spans: list[tuple[int, int, int]] = []
-    for seq, body in events:
-        event = json.loads(body)
-        if event.get("event") == "added":
-            for user in event.get("users", []):
-                joined_after[int(user)] = int(seq) - 1
-        elif event.get("event") in ("removed", "left"):
-            user = int(event["user"])
-            # Joined before every pending message, unless a pending "added" says otherwise.
-            spans.append((user, joined_after.pop(user, 0), int(seq)))
-    return spans
+    return departures((int(seq), str(body)) for seq, body in events)
 
 
 async def insert_lease(conn: Conn, conv_id: int) -> None:

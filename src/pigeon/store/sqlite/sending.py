@@ -12,6 +12,7 @@ import msgspec
 
 from pigeon.store import records
 from pigeon.store.errors import NotMember, StoreError, refused_send
+from pigeon.store.membership import Departure, departures, recipients
 from pigeon.store.models import (
     FanoutBatch,
     InboxEntry,
@@ -296,16 +297,14 @@ def _fanout_conversation(
         (conv_id,),
     ).fetchall()
     inbox.seed({int(user): int(head) for user, _, head in members})
+    joined = [(int(user), int(joined_seq)) for user, joined_seq, _ in members]
     departed = _pending_departures(conn, conv_id)
     entries: list[InboxEntry] = []
     last = 0
     for row in rows:
         message = records.message(row)
         last = message.seq
-        targets = [int(u) for u, joined_seq, _ in members if joined_seq < message.seq]
-        for user, after, until in departed:
-            if after < message.seq <= until and user not in targets:
-                targets.append(user)
+        targets = recipients(joined, departed, message.seq)
         entries += [inbox.append(u, conv_id, message=message) for u in targets]
     conn.execute("DELETE FROM fanout_jobs WHERE conv_id = ? AND seq <= ?", (conv_id, last))
     remaining = conn.execute(
@@ -314,29 +313,14 @@ def _fanout_conversation(
     return _ConversationFanout(entries, len(rows), bool(remaining))
 
 
-def _pending_departures(conn: sqlite3.Connection, conv_id: int) -> list[tuple[int, int, int]]:
-    """``(user, after, until)``: a user no longer in the members table was a member for
-    the messages ``after < seq <= until``, according to the system messages not yet fanned
-    out (a membership change is committed with its system message, so these are exactly
-    the changes fan-out has not caught up with)."""
+def _pending_departures(conn: sqlite3.Connection, conv_id: int) -> list[Departure]:
     events = conn.execute(
         "SELECT m.seq, m.body FROM fanout_jobs j"
         " JOIN messages m ON m.conv_id = j.conv_id AND m.seq = j.seq"
         " WHERE j.conv_id = ? AND m.kind = 'system' ORDER BY j.seq",
         (conv_id,),
     ).fetchall()
-    joined_after: dict[int, int] = {}  # user -> seq before the pending "added" message
-    spans: list[tuple[int, int, int]] = []
-    for seq, body in events:
-        event = json.loads(body)
-        if event.get("event") == "added":
-            for user in event.get("users", []):
-                joined_after[int(user)] = int(seq) - 1
-        elif event.get("event") in ("removed", "left"):
-            user = int(event["user"])
-            # Joined before every pending message, unless a pending "added" says otherwise.
-            spans.append((user, joined_after.pop(user, 0), int(seq)))
-    return spans
+    return departures((int(seq), str(body)) for seq, body in events)
 
 
 class InboxAppender:
