@@ -83,15 +83,31 @@ class WalCheckpointer:
     def top_up(self, writer: sqlite3.Connection) -> None:
         """On the writer's thread, outside a transaction: after a background pass, copy
         the frames committed during it, so that the next transaction rewinds the WAL."""
-        if self._top_up_due:
-            try:
-                (busy, _, _) = writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            except sqlite3.Error as exc:  # never the round's failure: the next pass retries
-                log.warning("WAL checkpoint top-up failed: %s", exc)
-                busy = 0
-            self._top_up_due = bool(busy)  # a pass was under way: again before the next
+        if self.take_top_up() and passive_top_up(writer):
+            self.top_up_again()
+
+    def take_top_up(self) -> bool:
+        """Whether a writer should top up before its next transaction (`top_up`); for a
+        writer on another thread or process, which then calls `passive_top_up`."""
+        due, self._top_up_due = self._top_up_due, False
+        return due
+
+    def top_up_again(self) -> None:
+        """A top-up found a pass under way: the next transaction tops up instead."""
+        self._top_up_due = True
 
     def _close(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def passive_top_up(writer: sqlite3.Connection) -> bool:
+    """A writer's top-up (`WalCheckpointer.top_up`), outside a transaction; True if a
+    background pass was under way, so it has to be done again."""
+    try:
+        (busy, _, _) = writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    except sqlite3.Error as exc:  # never the round's failure: the next pass retries
+        log.warning("WAL checkpoint top-up failed: %s", exc)
+        return False
+    return bool(busy)

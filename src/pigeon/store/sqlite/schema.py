@@ -1,15 +1,52 @@
-"""The schema: the SQLite features the writer needs, the packaged migrations, and what
-SQLite's errors mean to callers."""
+"""Connections and the schema: how every connection is set up, the SQLite features the
+writers need, the packaged migrations, savepoints, and what SQLite's errors mean to
+callers. Shared by the store's threads and the send writer's process."""
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
+from typing import TypeVar
 
 from pigeon.store import records
+from pigeon.store.checkpoint import BACKSTOP_PAGES
 from pigeon.store.errors import Conflict, StoreError, Unavailable
 
 MIGRATIONS_PACKAGE = "pigeon.store.migrations.sqlite"
+BUSY_TIMEOUT_MS = 5000
+
+T = TypeVar("T")
+
+
+def connect(path: str, fsync: bool) -> sqlite3.Connection:
+    # isolation_level=None: no implicit transactions; we issue BEGIN/COMMIT ourselves.
+    conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    # FULL: fsync the WAL at each commit, power-loss durable. NORMAL: fsync at checkpoints
+    # only; a commit survives a crash of the process, not of the machine.
+    conn.execute(f"PRAGMA synchronous = {'FULL' if fsync else 'NORMAL'}")
+    conn.execute("PRAGMA cache_size = -65536")  # 64 MiB; helps batched commits (3a)
+    # The send round's MATERIALIZED CTE, DISTINCT and GROUP BY build temporary b-trees;
+    # kept on disk (the default), each opened, unlinked and closed a file in /var/tmp,
+    # five system calls per round. They hold a round's keys: a few KiB.
+    conn.execute("PRAGMA temp_store = MEMORY")
+    # Checkpoints run in the background (`WalCheckpointer`); a writer's own only as a backstop.
+    conn.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_PAGES}")
+    return conn
+
+
+def in_savepoint(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T | Exception:
+    """Run ``fn`` inside a savepoint: on failure only its own writes are undone, and the
+    failure is returned (database errors as StoreErrors) rather than raised."""
+    conn.execute("SAVEPOINT one")
+    try:
+        result: T | Exception = fn(conn)
+    except Exception as exc:
+        conn.execute("ROLLBACK TO one")
+        result = map_error(exc) if isinstance(exc, sqlite3.Error) else exc
+    conn.execute("RELEASE one")
+    return result
 
 
 def require_features(conn: sqlite3.Connection) -> None:

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from pigeon.store import receipts, records
-from pigeon.store.checkpoint import BACKSTOP_PAGES, WalCheckpointer
+from pigeon.store.checkpoint import WalCheckpointer
 from pigeon.store.errors import (
     BadPosition,
     Conflict,
@@ -41,22 +41,19 @@ from pigeon.store.models import (
     User,
 )
 from pigeon.store.sqlite import queries
-from pigeon.store.sqlite.acks import DetailedReceipts, advance, apply_acks
+from pigeon.store.sqlite.acks import DetailedReceipts, advance
 from pigeon.store.sqlite.queries import DEVICE_COLS, MSG_COLS, USER_COLS
-from pigeon.store.sqlite.schema import migrate, require_features
+from pigeon.store.sqlite.schema import connect, migrate, require_features
 from pigeon.store.sqlite.sending import (
     InboxAppender,
-    SentBatch,
     append_system,
     fanout_round,
-    send_batch,
 )
 from pigeon.store.sqlite.writer import Writer, run_on
+from pigeon.store.sqlite.writer_process import Settings
 
 T = TypeVar("T")
 Clock = Callable[[], float]
-
-BUSY_TIMEOUT_MS = 5000
 
 
 class SqliteStore:
@@ -82,7 +79,8 @@ class SqliteStore:
         self._fsync = fsync
         self._clock = clock
         self._detailed = DetailedReceipts(receipt_detail_max_group)
-        self._writer = Writer(self._checkpointer, self._send_batch, self._apply_acks)
+        settings = Settings(self._path, fsync, fanout_with_send, receipt_detail_max_group)
+        self._writer = Writer(self._checkpointer, settings, clock)
         self._reader: ThreadPoolExecutor | None = None
         self._rconn: sqlite3.Connection | None = None  # created, used, closed on its thread
         # Round-robin position of fanout over conversations (touched by the writer thread only).
@@ -115,25 +113,12 @@ class SqliteStore:
             reader.shutdown(wait=False)
 
     def _connect(self) -> sqlite3.Connection:
-        # isolation_level=None: no implicit transactions; we issue BEGIN/COMMIT ourselves.
-        conn = sqlite3.connect(self._path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        conn.execute("PRAGMA foreign_keys = ON")
-        # FULL: fsync the WAL at each commit, power-loss durable. NORMAL: fsync at checkpoints
-        # only; a commit survives a crash of the process, not of the machine.
-        conn.execute(f"PRAGMA synchronous = {'FULL' if self._fsync else 'NORMAL'}")
-        conn.execute("PRAGMA cache_size = -65536")  # 64 MiB; helps batched commits (3a)
-        # The send round's MATERIALIZED CTE, DISTINCT and GROUP BY build temporary b-trees;
-        # kept on disk (the default), each opened, unlinked and closed a file in /var/tmp,
-        # five system calls per round. They hold a round's keys: a few KiB.
-        conn.execute("PRAGMA temp_store = MEMORY")
-        return conn
+        return connect(self._path, self._fsync)
 
     def _open_writer(self) -> sqlite3.Connection:
         conn = self._connect()
         require_features(conn)
         conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_PAGES}")  # see WalCheckpointer
         migrate(conn, self._clock)
         return conn
 
@@ -463,11 +448,6 @@ class SqliteStore:
     def send_message(self, request: SendRequest, max_body: int) -> asyncio.Future[SendResult]:
         return self._writer.send(request, max_body)
 
-    def _send_batch(
-        self, conn: sqlite3.Connection, work: list[tuple[SendRequest, int]]
-    ) -> SentBatch:
-        return send_batch(conn, work, self._clock(), self._fanout_with_send)
-
     # -- fan-out -------------------------------------------------------------------------
 
     async def fanout(self, worker_id: str, max_messages: int, lease_s: float) -> FanoutBatch:
@@ -528,11 +508,6 @@ class SqliteStore:
         """Queued and applied with every other ack of the round at once (`apply_acks`):
         a big group acks each message from every member's device."""
         return await settled([self._writer.ack(device_id, up_to) for device_id, up_to in acks])
-
-    def _apply_acks(
-        self, conn: sqlite3.Connection, acks: list[tuple[int, int]]
-    ) -> list[list[InboxEntry] | StoreError]:
-        return apply_acks(conn, acks, self._clock(), self._detailed)
 
     async def mark_read(self, user_id: int, conv_id: int, up_to_seq: int) -> list[InboxEntry]:
         def txn(conn: sqlite3.Connection) -> list[InboxEntry]:
