@@ -49,22 +49,27 @@ class Run:
         meter.start()
         return meter
 
+    def every_server_pid(self) -> list[int]:
+        """The Pigeon processes and their children (the embedded store's send writer)."""
+        return [child for pid in self.server_pids for child in service_pids(pid)]
+
     def server_rss(self) -> int:
-        """RSS summed over the Pigeon processes (gateways and workers)."""
+        """RSS summed over the Pigeon processes (gateways and workers) and their children."""
         total = 0
-        for pid in self.server_pids:
+        for pid in self.every_server_pid():
             with contextlib.suppress(FileNotFoundError, ProcessLookupError):
                 total += rss_bytes(pid)
         return total
 
 
 class ServerMeter:
-    """CPU of the Pigeon processes (summed; 1.0 = one core), and on the side that of each
-    service (PostgreSQL with all its backends, Redis), stored in ``run.services_cpu``."""
+    """CPU of the Pigeon processes and their children (summed; 1.0 = one core), and on the
+    side that of each service (PostgreSQL with all its backends, Redis), stored in
+    ``run.services_cpu``."""
 
     def __init__(self, run: Run) -> None:
         self.run = run
-        self.server = CpuMeter(list(run.server_pids))
+        self.server = CpuMeter(run.every_server_pid())
         self.services = {name: CpuMeter(service_pids(pid)) for name, pid in run.services.items()}
 
     def start(self) -> None:
