@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 from pathlib import Path
+
+import pytest
 
 from pigeon.store.errors import Unavailable
 from pigeon.store.models import SendRequest, SendResult
@@ -62,3 +65,12 @@ async def test_the_send_writer_stops_with_the_store(tmp_path: Path) -> None:
     assert child is not None and child.returncode is None
     await store.close()
     assert child.returncode == 0
+
+
+async def test_a_send_writer_that_cannot_start_fails_the_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    store = SqliteStore(tmp_path / "f.db", fsync=False)
+    with pytest.raises(Unavailable, match="the send writer did not start"):
+        await store.open()

@@ -126,6 +126,15 @@ class Writer:
             raise
         self._pool = pool
         await self._start_child()
+        try:  # an empty round: fail now, not at the first send, if it cannot work
+            self._post(Round(self._clock(), [], [], False))
+            result = await self._answer()
+        except (OSError, RuntimeError, asyncio.IncompleteReadError) as exc:
+            await self.close()
+            raise Unavailable(f"the send writer did not start: {exc}") from exc
+        if result.failure is not None:
+            await self.close()
+            raise store_error(result.failure)
 
     async def close(self) -> None:
         """Let queued writes commit (or fail), then stop the send writer, the connection
@@ -156,6 +165,7 @@ class Writer:
                 str(theirs.fileno()),
                 msgspec.json.encode(self._settings).decode(),
                 pass_fds=[theirs.fileno()],
+                start_new_session=True,  # a terminal's Ctrl-C is for the server to handle
             )
         self._stream = await asyncio.open_unix_connection(sock=ours)
 
@@ -256,15 +266,31 @@ class Writer:
                 self._child is not None and self._child.returncode is not None
             ):
                 await self._restart_child()
-            assert self._stream is not None
-            payload = self._encode(work)
-            self._stream[1].write(HEADER.pack(len(payload)) + payload)
+            self._post(work)
             round_.posted = True
         except (OSError, RuntimeError) as exc:
             log.error("the send writer cannot be reached: %s", exc)
             round_.fail(Unavailable("the send writer is restarting"))
-            self._stream = None
+            self._drop_stream()
         return round_
+
+    def _post(self, work: Round) -> None:
+        if self._stream is None:
+            raise ConnectionResetError("no send writer")
+        payload = self._encode(work)
+        self._stream[1].write(HEADER.pack(len(payload)) + payload)
+
+    async def _answer(self) -> RoundResult:
+        if self._stream is None:
+            raise ConnectionResetError("no send writer")
+        (size,) = HEADER.unpack(await self._stream[0].readexactly(HEADER.size))
+        return self._decode(await self._stream[0].readexactly(size))
+
+    def _drop_stream(self) -> None:
+        """Close our end of a broken socket pair: a send writer still reading it exits."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream[1].close()
 
     async def _settle(self, in_flight: deque[_InFlight]) -> None:
         """Wait for the oldest round's answer and hand its outcomes out."""
@@ -272,15 +298,14 @@ class Writer:
         if not round_.posted or self._stream is None:  # its error is out already
             return
         try:
-            (size,) = HEADER.unpack(await self._stream[0].readexactly(HEADER.size))
-            result = self._decode(await self._stream[0].readexactly(size))
+            result = await self._answer()
         except (OSError, asyncio.IncompleteReadError) as exc:
             log.error("the send writer stopped: %s", exc)
             error = Unavailable("the send writer stopped; retry")
             for lost in [round_, *in_flight]:
                 lost.fail(error)
             in_flight.clear()
-            self._stream = None
+            self._drop_stream()
             return
         if result.top_up_busy:
             self._checkpointer.top_up_again()

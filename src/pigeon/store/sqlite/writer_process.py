@@ -18,6 +18,7 @@ closes, the child finishes and exits: it never outlives its server.
 
 from __future__ import annotations
 
+import signal
 import socket
 import sqlite3
 import struct
@@ -152,7 +153,10 @@ def serve(sock: socket.socket, settings: Settings) -> None:
             except Exception as exc:  # the commit itself failed: nothing was written
                 result = RoundResult([], {}, [], [], {}, failure=failure(exc))
             answer = encode(result)
-            sock.sendall(HEADER.pack(len(answer)) + answer)
+            try:
+                sock.sendall(HEADER.pack(len(answer)) + answer)
+            except OSError:  # the parent is gone (killed): nobody to answer
+                break
     finally:
         conn.close()
 
@@ -178,7 +182,13 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
 
 
 def main(argv: Sequence[str]) -> None:
-    """``python -m pigeon.store.sqlite FD SETTINGS_JSON`` (`pigeon.store.sqlite.__main__`)."""
+    """``python -m pigeon.store.sqlite FD SETTINGS_JSON`` (`pigeon.store.sqlite.__main__`).
+
+    Signals that stop the server (Ctrl-C, SIGTERM to its group) are the parent's to act
+    on: it lets queued writes commit, then closes the socket, and that ends this process.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     fd, settings = int(argv[0]), msgspec.json.decode(argv[1], type=Settings)
     with socket.socket(fileno=fd) as sock:
         serve(sock, settings)
