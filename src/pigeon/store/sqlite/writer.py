@@ -313,7 +313,7 @@ class Writer:
             round_.fail(store_error(result.failure))
             return
         # Ready before any sender hears `sent` and wakes the workers.
-        self.fanned_out.extend(result.fanned_out)
+        self.fanned_out.extend(fanned.entries() for fanned in result.fanned_out)
         self._checkpointer.committed()
         _hand_out([p.future for p in round_.sends], result.sent, result.send_failures)
         _hand_out([f for _, _, f in round_.acks], result.acked, result.ack_failures)

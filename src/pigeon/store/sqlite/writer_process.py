@@ -29,7 +29,7 @@ import msgspec
 from pigeon.store import errors
 from pigeon.store.checkpoint import passive_top_up
 from pigeon.store.errors import StoreError, Unavailable
-from pigeon.store.models import InboxEntry, SendRequest, SendResult
+from pigeon.store.models import InboxEntry, Message, SendRequest, SendResult
 from pigeon.store.sqlite.acks import DetailedReceipts, apply_acks
 from pigeon.store.sqlite.schema import connect, in_savepoint, map_error
 from pigeon.store.sqlite.sending import SentBatch, send_batch
@@ -57,10 +57,35 @@ class Round(msgspec.Struct, array_like=True):
     top_up: bool  # copy the WAL's remaining frames before the transaction
 
 
+class FannedOut(msgspec.Struct, array_like=True):
+    """A message's inbox entries, sent as the message once and its (user, position) pairs:
+    a 1 000-member group's entries would otherwise carry the message 1 000 times."""
+
+    message: Message
+    ts: float
+    users: list[int]
+    positions: list[int]
+
+    @classmethod
+    def of(cls, entries: list[InboxEntry]) -> FannedOut:
+        """``entries``: one message's, as `sending.send_batch` writes them (not empty)."""
+        first = entries[0]
+        assert first.message is not None
+        users = [e.user_id for e in entries]
+        return cls(first.message, first.ts, users, [e.inbox_seq for e in entries])
+
+    def entries(self) -> list[InboxEntry]:
+        m, ts = self.message, self.ts
+        return [
+            InboxEntry(user, position, m.conv_id, ts, message=m)
+            for user, position in zip(self.users, self.positions, strict=True)
+        ]
+
+
 class RoundResult(msgspec.Struct, array_like=True):
     sent: list[SendResult | None]  # None where the send failed: see send_failures
     send_failures: dict[int, Failure]  # index in the round -> why
-    fanned_out: list[list[InboxEntry]]  # per message written to inboxes, its entries
+    fanned_out: list[FannedOut]  # per message written to inboxes, its entries
     acked: list[list[InboxEntry] | None]
     ack_failures: dict[int, Failure]
     top_up_busy: bool = False  # a background checkpoint was under way: again next round
@@ -101,7 +126,8 @@ def commit_round(
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
-    result = RoundResult([], {}, sent.fanned_out, [], {}, top_up_busy=busy)
+    fanned_out = [FannedOut.of(entries) for entries in sent.fanned_out if entries]
+    result = RoundResult([], {}, fanned_out, [], {}, top_up_busy=busy)
     for index, send in enumerate(sent.outcomes):
         result.sent.append(None if isinstance(send, StoreError) else send)
         if isinstance(send, StoreError):
