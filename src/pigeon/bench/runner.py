@@ -178,7 +178,7 @@ async def run_point(
             server.start()
             pids = [server.pid]
             urls = [server.url]
-            description = "embedded (one process, SQLite)"
+            description = "embedded (one server and its send writer, SQLite)"
         procs = 1 if scenario.single_shard else params.procs
         plan = {"directs": population.directs, "groups": population.groups}
         specs = [
