@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-from pigeon.store.models import SendRequest
 from pigeon.store.sqlite import SqliteStore
+from tests.store.chat import alice_writing_to_bob
 from tests.support import eventually
 
 
@@ -15,36 +13,14 @@ def size(path: Path) -> int:
     return path.stat().st_size
 
 
-@contextlib.asynccontextmanager
-async def alice_writing_to_bob(
-    store: SqliteStore,
-) -> AsyncIterator[Callable[[int, str], Awaitable[object]]]:
-    """The store open, with Alice and Bob's direct conversation; yields ``send(i, body)``,
-    which commits Alice's message number ``i``. Closes the store after."""
-    await store.open()
-    try:
-        alice = await store.create_user("alice", "Alice", "x")
-        bob = await store.create_user("bob", "Bob", "x")
-        phone = await store.create_device(alice.id, "phone", "token-hash")
-        conv = await store.direct_conversation(alice.id, bob.id)
-
-        async def send(i: int, body: str) -> object:
-            request = SendRequest(conv.id, alice.id, phone.id, f"c{i}", "text", body)
-            return await store.send_message(request, 4096)
-
-        yield send
-    finally:
-        await store.close()
-
-
 async def grows_after_sends(db: Path, checkpoint_interval_s: float, wait_s: float) -> bool:
     """Whether the database file grows within ``wait_s`` after 300 committed sends (a WAL
     checkpoint is what copies committed pages into it)."""
     store = SqliteStore(db, checkpoint_interval_s=checkpoint_interval_s)
-    async with alice_writing_to_bob(store) as send:
+    async with alice_writing_to_bob(store) as chat:
         db_size = size(db)
         for i in range(300):
-            await send(i, "x" * 500)
+            await chat.send(i, "x" * 500)
 
         async def grown() -> bool:
             return size(db) > db_size
@@ -76,10 +52,10 @@ async def wal_starts_over(db: Path, checkpoint_interval_s: float, sends: int) ->
     """Whether the WAL is started over within ``sends`` sends committed one by one, far
     below the writer's own threshold (BACKSTOP_PAGES)."""
     store = SqliteStore(db, checkpoint_interval_s=checkpoint_interval_s, fsync=False)
-    async with alice_writing_to_bob(store) as send:
+    async with alice_writing_to_bob(store) as chat:
         salt = wal_salt(db)
         for i in range(sends):
-            await send(i, "x" * 200)
+            await chat.send(i, "x" * 200)
             if wal_salt(db) != salt:
                 return True
         return False

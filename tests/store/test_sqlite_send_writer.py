@@ -12,25 +12,17 @@ from pathlib import Path
 import pytest
 
 from pigeon.store.errors import Unavailable
-from pigeon.store.models import SendRequest, SendResult
+from pigeon.store.models import SendResult
 from pigeon.store.sqlite import SqliteStore
+from tests.store.chat import alice_writing_to_bob
 
 
 async def test_a_killed_send_writer_is_started_again_and_nothing_is_lost(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "w.db", fsync=False)
-    await store.open()
-    try:
-        alice = await store.create_user("alice", "Alice", "x")
-        bob = await store.create_user("bob", "Bob", "x")
-        phone = await store.create_device(alice.id, "phone", "token-hash")
-        conv = await store.direct_conversation(alice.id, bob.id)
-
-        def send(i: int) -> asyncio.Future[SendResult]:
-            request = SendRequest(conv.id, alice.id, phone.id, f"c{i}", "text", f"m{i}")
-            return store.send_message(request, 4096)
-
+    killed: list[asyncio.subprocess.Process] = []
+    async with alice_writing_to_bob(store) as chat:
+        send, conv, alice = chat.send, chat.conv, chat.alice
         outcomes: list[SendResult | BaseException] = []
-        killed = []
         while not any(isinstance(o, Unavailable) for o in outcomes) and len(killed) < 5:
             child = store._writer._child
             assert child is not None
@@ -53,8 +45,6 @@ async def test_a_killed_send_writer_is_started_again_and_nothing_is_lost(tmp_pat
         assert sorted(m.client_id for m in history) == sorted(f"c{i}" for i in range(count))
         assert [m.seq for m in history] == list(range(1, count + 1))
         assert store._writer._child not in killed
-    finally:
-        await store.close()
     assert all(child.returncode is not None for child in killed)
 
 
