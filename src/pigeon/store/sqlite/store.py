@@ -73,14 +73,11 @@ class SqliteStore:
         fanout_with_send: bool = True,
         checkpoint_interval_s: float = 0.5,
     ) -> None:
-        self._path = str(path)
-        self._fanout_with_send = fanout_with_send
+        self._settings = Settings(str(path), fsync, fanout_with_send, receipt_detail_max_group)
         self._checkpointer = WalCheckpointer(self._connect, checkpoint_interval_s)
-        self._fsync = fsync
         self._clock = clock
         self._detailed = DetailedReceipts(receipt_detail_max_group)
-        settings = Settings(self._path, fsync, fanout_with_send, receipt_detail_max_group)
-        self._writer = Writer(self._checkpointer, settings, clock)
+        self._writer = Writer(self._checkpointer, self._settings, clock)
         self._reader: ThreadPoolExecutor | None = None
         self._rconn: sqlite3.Connection | None = None  # created, used, closed on its thread
         # Round-robin position of fanout over conversations (touched by the writer thread only).
@@ -100,7 +97,7 @@ class SqliteStore:
                 raise
         except sqlite3.Error as exc:
             reader.shutdown(wait=False)
-            raise Unavailable(f"cannot open {self._path}: {exc}") from exc
+            raise Unavailable(f"cannot open {self._settings.path}: {exc}") from exc
         self._reader = reader
         await self._checkpointer.start()
 
@@ -113,7 +110,7 @@ class SqliteStore:
             reader.shutdown(wait=False)
 
     def _connect(self) -> sqlite3.Connection:
-        return connect(self._path, self._fsync)
+        return connect(self._settings.path, self._settings.fsync)
 
     def _open_writer(self) -> sqlite3.Connection:
         conn = self._connect()

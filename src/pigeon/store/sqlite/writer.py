@@ -81,10 +81,8 @@ class _InFlight:
     posted: bool = False  # False: it never reached the send writer, and has failed
 
     def fail(self, error: StoreError) -> None:
-        futures = [p.future for p in self.sends] + [f for _, _, f in self.acks]
-        for future in futures:
-            if not future.done():
-                future.set_exception(type(error)(*error.args))
+        for future in [p.future for p in self.sends] + [f for _, _, f in self.acks]:
+            _settle_future(future, error)
 
 
 class Writer:
@@ -125,16 +123,11 @@ class Writer:
             pool.shutdown(wait=False)
             raise
         self._pool = pool
-        await self._start_child()
-        try:  # an empty round: fail now, not at the first send, if it cannot work
-            self._post(Round(self._clock(), [], [], False))
-            result = await self._answer()
-        except (OSError, RuntimeError, asyncio.IncompleteReadError) as exc:
+        try:
+            await self._start_child()
+        except StoreError:
             await self.close()
-            raise Unavailable(f"the send writer did not start: {exc}") from exc
-        if result.failure is not None:
-            await self.close()
-            raise store_error(result.failure)
+            raise
 
     async def close(self) -> None:
         """Let queued writes commit (or fail), then stop the send writer, the connection
@@ -168,6 +161,15 @@ class Writer:
                 start_new_session=True,  # a terminal's Ctrl-C is for the server to handle
             )
         self._stream = await asyncio.open_unix_connection(sock=ours)
+        try:  # an empty round: fail now, not at the first send, if it cannot work
+            self._post(Round(self._clock(), [], [], False))
+            result = await self._answer()
+        except (OSError, RuntimeError, asyncio.IncompleteReadError) as exc:
+            self._drop_stream()
+            raise Unavailable(f"the send writer did not start: {exc}") from exc
+        if result.failure is not None:
+            self._drop_stream()
+            raise store_error(result.failure)
 
     async def _stop_child(self) -> None:
         """Close our end: the child finishes its round, sees the end and exits."""
@@ -268,7 +270,7 @@ class Writer:
                 await self._restart_child()
             self._post(work)
             round_.posted = True
-        except (OSError, RuntimeError) as exc:
+        except (OSError, RuntimeError, StoreError) as exc:
             log.error("the send writer cannot be reached: %s", exc)
             round_.fail(Unavailable("the send writer is restarting"))
             self._drop_stream()
@@ -337,15 +339,7 @@ class Writer:
             outcomes = [exc] * len(writes)
         self._checkpointer.committed()
         for (_, future), outcome in zip(writes, outcomes, strict=True):
-            if future.done():  # the caller was cancelled
-                continue
-            if isinstance(outcome, StoreError):
-                # A fresh instance per caller: a shared one would share its traceback.
-                future.set_exception(type(outcome)(*outcome.args))
-            elif isinstance(outcome, BaseException):
-                future.set_exception(outcome)
-            else:
-                future.set_result(outcome)
+            _settle_future(future, outcome)
 
     def _commit_writes(self, fns: list[Write]) -> list[object]:
         conn = self._conn
@@ -367,13 +361,21 @@ def _hand_out(
     futures: list[asyncio.Future[Any]], values: Sequence[object], failures: dict[int, Failure]
 ) -> None:
     for index, (future, value) in enumerate(zip(futures, values, strict=True)):
-        if future.done():  # the caller was cancelled
-            continue
         failed = failures.get(index)
-        if failed is not None:
-            future.set_exception(store_error(failed))
-        else:
-            future.set_result(value)
+        _settle_future(future, value if failed is None else store_error(failed))
+
+
+def _settle_future(future: asyncio.Future[Any], outcome: object) -> None:
+    """Give a caller its outcome: a value, or an exception to raise."""
+    if future.done():  # the caller was cancelled
+        return
+    if isinstance(outcome, StoreError):
+        # A fresh instance per caller: a shared one would share its traceback.
+        future.set_exception(type(outcome)(*outcome.args))
+    elif isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
 
 
 async def run_on(pool: ThreadPoolExecutor | None, call: Callable[[], T]) -> T:
