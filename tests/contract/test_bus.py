@@ -211,6 +211,23 @@ async def test_envelopes_for_unknown_or_departed_gateways_are_dropped(bus: Bus, 
     assert gw2.got == []
 
 
+async def test_a_failing_handler_fails_neither_the_publisher_nor_later_envelopes(
+    bus: Bus, peer: Bus
+) -> None:
+    got = Inbox()
+
+    def fails_on_user_13(env: Envelope) -> None:
+        if env.targets[0].user == 13:
+            raise RuntimeError("a subscriber's bug")
+        got(env)
+
+    await bus.subscribe("gw1", fails_on_user_13)
+    await peer.publish("gw1", envelope(13))  # no error here
+    await peer.publish("gw1", envelope(1))
+    await eventually(lambda: got.got)
+    assert got.got == [(1, 1)]
+
+
 async def test_fanout_wakeups_reach_every_handler_coalesced(bus: Bus, peer: Bus) -> None:
     woken = [0, 0]
 
