@@ -81,6 +81,7 @@ class Connection:
     __slots__ = (
         "_closer",
         "_flushing",
+        "_loop",
         "_out",
         "_out_bytes",
         "_protocol",
@@ -110,6 +111,7 @@ class Connection:
         self._out: list[bytes] | None = None
         self._out_bytes = 0
         self._flushing = False  # a flush callback is scheduled
+        self._loop = asyncio.get_running_loop()  # once: each lookup is a system call on 3.11
         self._writer: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
         self._protocol: RequestHandler = request.protocol
@@ -136,7 +138,7 @@ class Connection:
         if out is None:
             out = self._out = []
         out.extend(encoded)
-        self._out_bytes += sum(len(e) for e in encoded)
+        self._out_bytes += sum(map(len, encoded))
         if self._writer is not None:  # waiting for the transport to drain
             if self._out_bytes > self.buffer_limit:
                 self.close(CloseCode.SLOW_CONSUMER, "send buffer full: resume to catch up")
@@ -145,7 +147,7 @@ class Connection:
             self._write_out()
         elif not self._flushing:
             self._flushing = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flushing = False

@@ -37,6 +37,8 @@ T = TypeVar("T")
 GAP_WAIT_S = 0.2
 #: Acks due within 1/N of `ack_flush_s` are written together (fewer, bigger batches).
 ACK_FLUSH_SLICES = 10
+#: Frames that hold an inbox position: they go through the connection's sequencer.
+INBOX_FRAMES = (f.Msg, f.Receipt)
 
 
 def store_error_reply(exc: Exception, ref: str | None) -> Reply:
@@ -321,7 +323,13 @@ class Hub:
 
     def on_envelope(self, envelope: Envelope) -> None:
         for target in envelope.targets:
-            for conn in self._by_user.get(target.user, ()):
+            conns = self._by_user.get(target.user)
+            if not conns:
+                continue
+            # Split once per user, not per socket: a big group's push is a target per member.
+            inbox = [fr for fr in target.frames if isinstance(fr, INBOX_FRAMES)]
+            others = [fr for fr in target.frames if not isinstance(fr, INBOX_FRAMES)]
+            for conn in conns:
                 if conn.closing or conn.device_id == target.skip_device:
                     continue
                 if target.revoke_device:
@@ -331,13 +339,10 @@ class Hub:
                     self._spawn(
                         self._guard(conn, None, self._replay(conn, conn.session.inbox.position))
                     )
-                inbox = [fr for fr in target.frames if isinstance(fr, f.Msg | f.Receipt)]
                 if inbox:
                     self._offer(conn, inbox)
-                if len(inbox) < len(target.frames):
-                    conn.send_many(
-                        fr for fr in target.frames if not isinstance(fr, f.Msg | f.Receipt)
-                    )
+                if others:
+                    conn.send_many(others)
 
     def _offer(self, conn: Connection, entries: list[f.Msg | f.Receipt]) -> None:
         sequencer = conn.session.inbox
