@@ -4,6 +4,7 @@ when told: a real embedded store and the in-process bus."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -72,20 +73,27 @@ class IdleWatch:
         self._entered.clear()
 
 
+@contextlib.asynccontextmanager
+async def running(worker: FanoutWorker) -> AsyncIterator[None]:
+    """The worker's loop as a task; stopped, and awaited, on the way out."""
+    task = asyncio.create_task(worker.run())
+    try:
+        yield
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, WAIT_S)
+
+
 async def test_a_commit_is_pushed_when_the_worker_is_woken(chat: DirectChat) -> None:
     pushes = Pushes()
     worker = await started(chat, pushes, POLL_NEVER_S)
     idle = IdleWatch(worker)
-    running = asyncio.create_task(worker.run())
-    try:
+    async with running(worker):
         for i in range(3):  # each time from idle: the wake-up, not the poll, delivers
             await idle.wait()
             await chat.send(i)
             worker.wake()
             await pushes.wait_for(f"c{i}")
-    finally:
-        worker.stop()
-        await asyncio.wait_for(running, WAIT_S)
     assert pushes.client_ids == ["c0", "c1", "c2"]  # Alice's own inbox: each once
 
 
@@ -102,32 +110,24 @@ async def test_a_wake_up_during_a_step_is_not_lost(chat: DirectChat) -> None:
         return more
 
     worker.step = commit_during_step  # type: ignore[method-assign]
-    running = asyncio.create_task(worker.run())
-    try:
+    async with running(worker):
         await pushes.wait_for("c0")
-    finally:
-        worker.stop()
-        await asyncio.wait_for(running, WAIT_S)
 
 
 async def test_without_a_wake_up_the_poll_finds_the_commit(chat: DirectChat) -> None:
     pushes = Pushes()
     worker = await started(chat, pushes, poll_s=0.05)
     idle = IdleWatch(worker)
-    running = asyncio.create_task(worker.run())
-    try:
+    async with running(worker):
         await idle.wait()
         await chat.send(0)
         await pushes.wait_for("c0")
-    finally:
-        worker.stop()
-        await asyncio.wait_for(running, WAIT_S)
 
 
 async def test_stop_ends_an_idle_worker_at_once(chat: DirectChat) -> None:
     worker = await started(chat, Pushes(), POLL_NEVER_S)
     idle = IdleWatch(worker)
-    running = asyncio.create_task(worker.run())
+    task = asyncio.create_task(worker.run())
     await idle.wait()
     worker.stop()
-    await asyncio.wait_for(running, WAIT_S)
+    await asyncio.wait_for(task, WAIT_S)
