@@ -151,13 +151,20 @@ async def open_socket(session: aiohttp.ClientSession, base_url: str) -> RawSocke
 
 
 async def connect(
-    session: aiohttp.ClientSession, base_url: str, account: Account, resume_from: int | None = None
+    session: aiohttp.ClientSession,
+    base_url: str,
+    account: Account,
+    resume_from: int | None = None,
+    *,
+    echo: bool = True,
 ) -> tuple[RawSocket, dict[str, Any]]:
     """Open, say hello, wait for welcome and the end of replay."""
     sock = await open_socket(session, base_url)
     hello: dict[str, Any] = {"type": "hello", "token": account.token, "device": account.device_id}
     if resume_from is not None:
         hello["resume_from"] = resume_from
+    if not echo:
+        hello["echo"] = False
     await sock.send(hello)
     welcome = await sock.expect("welcome")
     await sock.expect("caught_up")

@@ -182,6 +182,25 @@ async def test_reconnect_resumes_from_ack_and_drops_replayed_duplicates(
     assert [h.resume_from for h in fake.hellos] == [0, 1]
 
 
+async def test_a_sent_with_a_position_is_the_own_message_in_order(
+    serve: Callable[[FakeServer], Awaitable[str]],
+) -> None:
+    async def script(ws: web.WebSocketResponse, hello: frames.Hello, n: int) -> None:
+        await push(ws, WELCOME, msg(1, 7, 1), frames.CaughtUp(up_to=1))
+
+    fake = FakeServer(script)
+    fake.send_replies = [frames.Sent(client_id="c1", conv=7, seq=2, ts=2.0, inbox_seq=2)]
+    async with client_for(await serve(fake)) as client:
+        await client.send(7, "mine", client_id="c1")
+        events = await take(client, 3)
+        assert seqs(events) == [(7, 1), (7, 2)]
+        own = events[2]
+        assert isinstance(own, MessageEvent)
+        assert (own.body, own.sender, own.sender_device, own.inbox_seq) == ("mine", 1, 1, 2)
+        await fake.wait_acked(2)  # the position counts as handed over
+    assert not fake.hellos[0].echo
+
+
 async def test_send_retries_retryable_errors_with_the_same_client_id(
     serve: Callable[[FakeServer], Awaitable[str]],
 ) -> None:

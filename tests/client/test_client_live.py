@@ -44,6 +44,16 @@ async def test_direct_chat_with_receipts_over_the_real_server(server: Server) ->
             "hi bob",
             ana.user_id,
         )
+        # Ana's own message reaches her stream too: from the server's `sent`, in inbox order
+        # (the SDK says `echo: false`, so no `msg` comes back for it).
+        mine = await _next_message(ana)
+        assert (mine.seq, mine.body, mine.sender, mine.client_id) == (
+            sent.seq,
+            "hi bob",
+            ana.user_id,
+            sent.client_id,
+        )
+        assert mine.inbox_seq == sent.inbox_seq > 0 and ana.resume_position >= sent.inbox_seq
         await bob.mark_read(conv.id, got.seq)
         receipt = await _receipt(ana, got.seq)
         assert receipt.user == bob.user_id and receipt.delivered_seq >= got.seq

@@ -291,6 +291,31 @@ async def test_sender_positions_move_with_own_messages(store: Store) -> None:
     assert (members[bob].delivered_seq, members[bob].read_seq) == (0, 0)
 
 
+async def test_send_result_holds_the_messages_place_in_the_senders_inbox(
+    store: Store, request: pytest.FixtureRequest
+) -> None:
+    """What lets the gateway hand the sending device its `sent` in place of its own `msg`:
+    the position, when the send wrote the inboxes; 0 when fan-out comes later, and for a
+    retry (its entry went out with the first send)."""
+    alice, bob, carol = await make_users(store, "alice", "bob", "carol")
+    phone = await make_device(store, alice)
+    conv = await store.direct_conversation(alice, bob)
+    first = await send(store, conv.id, alice, phone.id, "one", client_id="p1")
+    second = await send(store, conv.id, alice, phone.id, "two", client_id="p2")
+    again = await send(store, conv.id, alice, phone.id, "one", client_id="p1")
+    group = await store.create_group(alice, "G", [carol], MAX_MEMBERS)  # a queued job
+    queued = await send(store, group.id, alice, phone.id, "three")
+    await drain(store)
+    own = {(e.conv_id, e.message.seq): e.inbox_seq for e in await inbox(store, alice) if e.message}
+    assert again.duplicate and again.inbox_seq == 0
+    assert queued.inbox_seq == 0
+    if fans_out_with_send(request):
+        assert (first.inbox_seq, second.inbox_seq) == (own[(conv.id, 1)], own[(conv.id, 2)])
+        assert 0 < first.inbox_seq < second.inbox_seq
+    else:
+        assert first.inbox_seq == second.inbox_seq == 0
+
+
 async def test_send_is_idempotent(store: Store) -> None:
     alice, bob = await make_users(store, "alice", "bob")
     phone = await make_device(store, alice)

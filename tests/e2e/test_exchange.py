@@ -31,6 +31,40 @@ async def test_direct_exchange_both_ways(
     assert (reply["body"], reply["sender"], reply["seq"]) == ("hi alice", bob.user_id, 2)
 
 
+async def test_without_echo_the_sent_takes_the_own_messages_place(
+    server: Server, api: Api, http: aiohttp.ClientSession
+) -> None:
+    """A device that says `echo: false` gets no `msg` for what it sent: its `sent` carries
+    the message's inbox position, in inbox order. Its other devices get the `msg`, and a
+    replay from the store still has it."""
+    alice, bob = await api.account("alice"), await api.account("bob")
+    laptop = await api.login("alice", alice.password, "laptop")
+    conv = await api.direct(alice, bob)
+    phone, _ = await connect(http, server.url, alice, echo=False)
+    other, _ = await connect(http, server.url, laptop)
+    b, _ = await connect(http, server.url, bob)
+
+    await phone.send({"type": "send", "conv": conv, "client_id": "a1", "body": "hi bob"})
+    sent = await phone.expect("sent")
+    copy = await other.expect("msg")
+    assert (copy["seq"], copy["client_id"], copy["sender_device"]) == (1, "a1", alice.device_id)
+    assert (sent["seq"], sent["inbox_seq"]) == (1, copy["inbox_seq"])
+
+    await b.send({"type": "send", "conv": conv, "client_id": "b1", "body": "hi alice"})
+    reply = await phone.expect("msg")  # the first msg on this socket is bob's
+    assert (reply["seq"], reply["inbox_seq"]) == (2, sent["inbox_seq"] + 1)
+    await phone.send({"type": "ack", "up_to": reply["inbox_seq"], "ref": "ack"})
+    await phone.send({"type": "ping", "ts": 1.0})
+    await phone.expect("pong")
+    assert [fr for fr in phone.frames if fr["type"] in ("msg", "error")] == []
+
+    again, _ = await connect(http, server.url, alice, resume_from=sent["inbox_seq"] - 1, echo=False)
+    replayed = [fr for fr in again.frames if fr["type"] == "msg"]
+    assert [(fr["seq"], fr["inbox_seq"]) for fr in replayed] == [
+        (1, sent["inbox_seq"]), (2, reply["inbox_seq"])
+    ]  # fmt: skip
+
+
 async def test_group_of_fifty(server: Server, api: Api, http: aiohttp.ClientSession) -> None:
     accounts = [await api.account() for _ in range(50)]
     conv = await api.group(accounts[0], accounts[1:], title="fifty")

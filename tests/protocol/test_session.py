@@ -124,3 +124,25 @@ def test_sequencer_never_releases_twice_or_out_of_order(arrivals: list[int]) -> 
         released += [e.inbox_seq for e in seq.offer([f.Msg(n, 1, n, 2, "text", "m", 0.0)], 0.0)]
     assert released == list(range(1, len(released) + 1))
     assert released == list(range(1, seq.position + 1))
+
+
+def test_sequencer_keeps_the_first_offer_of_a_position() -> None:
+    """A `sent` standing for an own message is not replaced by that message's `msg`."""
+    seq: InboxSequencer[f.Msg | f.Sent] = InboxSequencer(position=0)
+    sent = f.Sent("c1", conv=1, seq=1, ts=0.0, inbox_seq=2)
+    echo = f.Msg(2, 1, 1, 7, "text", "mine", 0.0)
+    assert seq.is_open(2) and not seq.is_open(0)
+    assert seq.offer([sent], now=0.0) == [] and not seq.is_open(2)
+    assert seq.offer([echo], now=0.0) == []
+    released = seq.offer([f.Msg(1, 1, 9, 8, "text", "yours", 0.0)], now=0.0)
+    assert [type(e).__name__ for e in released] == ["Msg", "Sent"]
+    assert seq.offer([echo], now=0.0) == [] and not seq.is_open(2)  # already released
+
+
+def test_echo_is_the_hellos_choice() -> None:
+    session = Session(Limits(), now=0.0)
+    assert session.echo  # until a hello says otherwise
+    session.authenticated(user_id=7, device_id=1, resume_from=0, echo=False)
+    assert not session.echo
+    hello = Session(Limits(), now=0.0).receive(b'{"type":"hello","token":"t","device":1}', 0.0)
+    assert isinstance(hello, f.Hello) and hello.echo

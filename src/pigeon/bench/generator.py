@@ -102,6 +102,7 @@ class Client:
             "type": "hello",
             "token": self.account.token,
             "device": self.account.device_id,
+            "echo": False,  # as the SDK: our own messages come back as `sent`, not `msg`
         }
         if resume:
             hello["resume_from"] = self.position

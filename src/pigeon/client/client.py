@@ -369,7 +369,9 @@ class Client:
         helpers: list[asyncio.Task[None]] = []
         try:
             await conn.write(
-                frames.Hello(token=self._token, device=self._device, resume_from=resume_from)
+                frames.Hello(
+                    token=self._token, device=self._device, resume_from=resume_from, echo=False
+                )
             )
             while True:
                 msg = await ws.receive()
@@ -430,6 +432,8 @@ class Client:
                     self._inbox.done(frame.inbox_seq)
             case frames.Sent():
                 pending = self._pending.get(frame.client_id)
+                if frame.inbox_seq:
+                    self._on_own_entry(conn, frame, pending)
                 if pending is not None and not pending.future.done():
                     pending.future.set_result(frame)
             case frames.Error():
@@ -472,14 +476,43 @@ class Client:
 
     def _on_msg(self, conn: _Connection, frame: frames.Msg) -> None:
         conn.max_inbox = max(conn.max_inbox, frame.inbox_seq)
-        if not self._inbox.accept(frame.inbox_seq):
+        if self._inbox.accept(frame.inbox_seq):
+            self._place(_message_event(frame), frame.inbox_seq)
+
+    def _on_own_entry(
+        self, conn: _Connection, sent: frames.Sent, pending: _PendingSend | None
+    ) -> None:
+        """A ``sent`` standing for this device's own message in the inbox (the hello said
+        ``echo: false``): the message is the one we sent."""
+        conn.max_inbox = max(conn.max_inbox, sent.inbox_seq)
+        if not self._inbox.accept(sent.inbox_seq):
             return
-        offered = self._order.offer(frame.conv, frame.seq, _message_event(frame))
+        assert self.user_id is not None, "a sent comes after the welcome"
+        if pending is None:  # the send was given up on: its text is in history
+            self._inbox.done(sent.inbox_seq)
+            self._want_fill(sent.conv, from_position=True)
+            return
+        event = MessageEvent(
+            conv=sent.conv,
+            seq=sent.seq,
+            sender=self.user_id,
+            sender_device=self._device,
+            client_id=sent.client_id,
+            kind=pending.frame.kind,
+            body=pending.frame.body,
+            ts=sent.ts,
+            inbox_seq=sent.inbox_seq,
+        )
+        self._place(event, sent.inbox_seq)
+
+    def _place(self, event: MessageEvent, inbox_seq: int) -> None:
+        """Hand a new inbox entry's message to the conversation ordering."""
+        offered = self._order.offer(event.conv, event.seq, event)
         if offered.duplicate:
-            self._inbox.done(frame.inbox_seq)
+            self._inbox.done(inbox_seq)
         self._emit(offered.ready)
         if offered.gap is not None:
-            self._want_fill(frame.conv)
+            self._want_fill(event.conv)
 
     def _on_error(self, conn: _Connection, error: frames.Error) -> None:
         if error.code == ErrorCode.AUTH_FAILED and not conn.welcomed:

@@ -13,7 +13,7 @@ import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 from pigeon.auth import token_hash
@@ -170,7 +170,7 @@ class Hub:
         resume_from = device.cursor if hello.resume_from is None else hello.resume_from
         resume_from = min(resume_from, bounds.head)
         start = max(resume_from, bounds.floor)
-        conn.session.authenticated(device.user_id, device.id, start)
+        conn.session.authenticated(device.user_id, device.id, start, echo=hello.echo)
         self._by_user.setdefault(device.user_id, []).append(conn)
         conn.send(
             f.Welcome(
@@ -232,9 +232,15 @@ class Hub:
         exc = future.exception()
         if exc is None:
             result = future.result()
-            conn.send(
-                f.Sent(client_id=client_id, conv=result.conv_id, seq=result.seq, ts=result.ts)
-            )
+            # Its own message's entry: a device that said `echo: false` gets the `sent` in
+            # the entry's place, unless the entry's `msg` got there first.
+            own = result.inbox_seq
+            in_inbox = not conn.session.echo and conn.session.inbox.is_open(own)
+            sent = f.Sent(client_id, result.conv_id, result.seq, result.ts, own if in_inbox else 0)
+            if in_inbox:
+                self._offer(conn, [sent])
+            else:
+                conn.send(sent)
             if not result.duplicate:
                 self.committed()
         elif isinstance(exc, se.LimitExceeded):
@@ -344,7 +350,7 @@ class Hub:
                 if others:
                     conn.send_many(others)
 
-    def _offer(self, conn: Connection, entries: list[f.Msg | f.Receipt]) -> None:
+    def _offer(self, conn: Connection, entries: Iterable[f.InboxFrame | f.Sent]) -> None:
         sequencer = conn.session.inbox
         conn.send_many(sequencer.offer(entries, self._clock()))
         if sequencer.missing is not None and conn not in self._gap_fills:

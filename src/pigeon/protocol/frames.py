@@ -27,6 +27,9 @@ class Hello(msgspec.Struct, tag="hello", tag_field="type", frozen=True):
     token: str
     device: Id
     resume_from: Position | None = None
+    #: False: this device's own messages are not pushed back to it as ``msg`` when their
+    #: ``sent`` can take their inbox position instead (see `Sent`)
+    echo: bool = True
     ref: Ref | None = None
 
 
@@ -126,11 +129,16 @@ class Receipt(msgspec.Struct, tag="receipt", tag_field="type"):
     ts: float
 
 
-class Sent(msgspec.Struct, tag="sent", tag_field="type"):
+class Sent(msgspec.Struct, tag="sent", tag_field="type", omit_defaults=True):
+    """The send is durable. With ``inbox_seq`` (only to a device that said ``echo: false``)
+    it is also the message's entry in the sender's inbox: it comes in inbox order like a
+    ``msg``, and no ``msg`` of that position follows on this connection."""
+
     client_id: str
     conv: int
     seq: int
     ts: float
+    inbox_seq: int = 0
 
 
 class Typing(msgspec.Struct, tag="typing", tag_field="type"):

@@ -30,9 +30,12 @@ class InboxSequencer(Generic[E]):
 
     def offer(self, entries: Iterable[E], now: float) -> list[E]:
         """Take entries from any source; return those now releasable, in order."""
+        held = self._held
         for entry in entries:
-            if entry.inbox_seq > self.position:
-                self._held[entry.inbox_seq] = entry
+            # The first offer of a position wins: a `sent` standing for an entry must
+            # not be replaced by that entry's `msg`, pushed later.
+            if entry.inbox_seq > self.position and entry.inbox_seq not in held:
+                held[entry.inbox_seq] = entry
         ready: list[E] = []
         while (following := self._held.pop(self.position + 1, None)) is not None:
             ready.append(following)
@@ -43,6 +46,10 @@ class InboxSequencer(Generic[E]):
         else:
             self.gap_since = None
         return ready
+
+    def is_open(self, position: int) -> bool:
+        """Neither released nor held: an entry offered for ``position`` would be taken."""
+        return position > self.position and position not in self._held
 
     @property
     def missing(self) -> tuple[int, int] | None:

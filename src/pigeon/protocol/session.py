@@ -60,6 +60,7 @@ class Session:
         "_frames",
         "_sends",
         "device_id",
+        "echo",
         "inbox",
         "last_received",
         "limits",
@@ -75,7 +76,8 @@ class Session:
         self.last_received = now
         self.user_id = 0
         self.device_id = 0
-        self.inbox: InboxSequencer[f.Msg | f.Receipt] = InboxSequencer(0)
+        self.echo = True  # the hello's choice: own messages pushed back as `msg`
+        self.inbox: InboxSequencer[f.InboxFrame | f.Sent] = InboxSequencer(0)
         self._acked = 0
         self._bad_in_a_row = 0
         self._frames = TokenBucket(limits.frames_per_second, limits.frame_burst, now)
@@ -153,10 +155,13 @@ class Session:
 
     # -- reports from the gateway ------------------------------------------------------
 
-    def authenticated(self, user_id: int, device_id: int, resume_from: int) -> None:
+    def authenticated(
+        self, user_id: int, device_id: int, resume_from: int, *, echo: bool = True
+    ) -> None:
         self.state = State.OPEN
         self.user_id = user_id
         self.device_id = device_id
+        self.echo = echo
         self.inbox = InboxSequencer(resume_from)
         self._acked = resume_from
 

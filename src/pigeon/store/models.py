@@ -107,6 +107,9 @@ class SendResult(msgspec.Struct, frozen=True, gc=False):
     ts: float
     client_id: str
     duplicate: bool  # True when (sender_device, client_id) was already committed
+    #: the message's position in the sender's inbox, when the send wrote it there (a
+    #: store that fans out with the send); 0 when fan-out comes later, and on duplicates
+    inbox_seq: int = 0
 
 
 class ConversationSummary(msgspec.Struct, frozen=True, gc=False):

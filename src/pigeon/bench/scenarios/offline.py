@@ -49,10 +49,12 @@ class Offline:
         self.first_at = self.last_at = 0.0
 
     def on_a(self, client: Client, frame: In, now: float) -> None:
+        # A's own copy (a `msg`, or a `sent` in its place): that message is fanned out.
         if frame.type == "sent":
             self.acked += 1
+            self.own += frame.inbox_seq > 0
         elif frame.type == "msg" and frame.kind == "text":
-            self.own += 1  # A's own copy: the fan-out of that message is done
+            self.own += 1
 
     def on_b(self, client: Client, frame: In, now: float) -> None:
         if frame.type != "msg" or frame.kind != "text":

@@ -47,6 +47,8 @@ def send_batch(
     committed = _find_sent(conn, [(r.sender_device, r.client_id) for r, _ in work])
     messages: list[Message] = []
     outcomes: list[SendResult | StoreError] = []
+    # (conv, seq) -> its result and the result's index in outcomes
+    placed: dict[tuple[int, int], tuple[SendResult, int]] = {}
     for req, max_body in work:
         refused = refused_send(req.body, req.client_id, max_body)
         if refused is not None:
@@ -67,6 +69,7 @@ def send_batch(
         result = SendResult(req.conv_id, seq, now, req.client_id, duplicate=False)
         if req.sender_device != 0:
             sent[key] = result
+        placed[(req.conv_id, seq)] = (result, len(outcomes))
         outcomes.append(result)
     convs = sorted({m.conv_id for m in messages})
     conn.execute(
@@ -78,7 +81,11 @@ def send_batch(
     queued = convs_now.with_jobs if fanout_with_send else set(convs)
     queue_fanout(conn, [m for m in messages if m.conv_id in queued])
     ready = [m for m in messages if m.conv_id not in queued]
-    return SentBatch(outcomes, _fan_out_now(conn, ready, now, convs_now))
+    fanned_out, own_positions = _fan_out_now(conn, ready, now, convs_now)
+    for message, position in zip(ready, own_positions, strict=True):
+        result, slot = placed[(message.conv_id, message.seq)]
+        outcomes[slot] = msgspec.structs.replace(result, inbox_seq=position)
+    return SentBatch(outcomes, fanned_out)
 
 
 def append_system(
@@ -249,23 +256,25 @@ def queue_fanout(conn: sqlite3.Connection, messages: list[Message]) -> None:
 
 def _fan_out_now(
     conn: sqlite3.Connection, messages: list[Message], now: float, context: _SendContext
-) -> list[list[InboxEntry]]:
-    """Write just-stored messages to their conversations' members' inboxes.
+) -> tuple[list[list[InboxEntry]], list[int]]:
+    """Write just-stored messages to their conversations' members' inboxes; return each
+    message's entries, and its position in its sender's inbox.
 
     Only for conversations with no queued jobs: then the current members are exactly the
     members at send time (membership changes go through this same writer).
     """
     if not messages:
-        return []
+        return [], []
     inbox = InboxAppender(conn, now)
     inbox.seed(context.heads)
     members = context.members
-    fanned_out = [
-        [inbox.append(user, m.conv_id, message=m) for user in members.get(m.conv_id, ())]
-        for m in messages
-    ]
+    fanned_out: list[list[InboxEntry]] = []
+    own_positions: list[int] = []
+    for m in messages:
+        fanned_out.append([inbox.append(u, m.conv_id, message=m) for u in members[m.conv_id]])
+        own_positions.append(inbox.head(m.sender_id))  # the sender is a member: checked
     inbox.flush()
-    return fanned_out
+    return fanned_out, own_positions
 
 
 @dataclasses.dataclass(slots=True)
@@ -342,6 +351,10 @@ class InboxAppender:
         this transaction win (they are newer than the table until `flush`)."""
         for user_id, head in heads.items():
             self._heads.setdefault(user_id, head)
+
+    def head(self, user_id: int) -> int:
+        """The last position allocated to ``user_id`` in this transaction (or seeded)."""
+        return self._heads[user_id]
 
     def append(
         self,
