@@ -177,3 +177,32 @@ async def test_a_nudge_makes_the_gateway_read_entries_that_were_never_pushed(
     await Router(server.bus).nudge([bob.user_id])
     msg = await b.expect("msg")
     assert (msg["body"], msg["seq"]) == ("unpushed", 1)
+
+
+async def test_a_gap_left_by_an_entry_never_pushed_is_filled_from_the_store(
+    server: Server, api: Api, http: aiohttp.ClientSession
+) -> None:
+    """An entry committed without a push (here a receipt written behind the gateway's
+    back), then a pushed one: the socket gets both, in inbox order, once the gateway has
+    read the missing one."""
+    alice, bob = await api.account(), await api.account()
+    conv = await api.direct(alice, bob)
+    b, _ = await connect(http, server.url, bob)
+    await b.send({"type": "send", "conv": conv, "client_id": "b1", "body": "read me"})
+    await b.expect("sent")
+    await b.expect("msg")  # its own copy
+    [receipt] = await server.store.mark_read(alice.user_id, conv, 1)  # not pushed
+    a, _ = await connect(http, server.url, alice)
+    await a.send({"type": "send", "conv": conv, "client_id": "a1", "body": "after"})
+    entry = lambda fr: fr["type"] in ("msg", "receipt")  # noqa: E731
+    first, second = await b.expect(entry), await b.expect(entry)
+    assert (first["type"], first["inbox_seq"], first["read_seq"]) == (
+        "receipt",
+        receipt.inbox_seq,
+        1,
+    )
+    assert (second["type"], second["inbox_seq"], second["body"]) == (
+        "msg",
+        receipt.inbox_seq + 1,
+        "after",
+    )

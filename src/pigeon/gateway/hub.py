@@ -80,6 +80,8 @@ class Hub:
         self.connections: set[Connection] = set()
         self._by_user: dict[int, list[Connection]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._gapped: set[Connection] = set()  # sockets whose sequencer held entries back
+        self._gap_watch: asyncio.Task[None] | None = None
         self._gap_fills: dict[Connection, asyncio.Task[None]] = {}
         self._sending: set[asyncio.Future[SendResult]] = set()  # sends not yet committed
         self._ack_pending: dict[Connection, int] = {}  # socket -> highest ack not written
@@ -353,20 +355,37 @@ class Hub:
     def _offer(self, conn: Connection, entries: Iterable[f.InboxFrame | f.Sent]) -> None:
         sequencer = conn.session.inbox
         conn.send_many(sequencer.offer(entries, self._clock()))
-        if sequencer.missing is not None and conn not in self._gap_fills:
-            task = asyncio.create_task(self._fill_gap(conn))
-            self._gap_fills[conn] = task
+        if sequencer.gap_since is not None:
+            self._gapped.add(conn)
+            if self._gap_watch is None:
+                self._gap_watch = self._spawn(self._watch_gaps())
+
+    async def _watch_gaps(self) -> None:
+        """Fill from the store the gaps that stay open for `GAP_WAIT_S`. One task for all
+        sockets, awake while any has a gap: most gaps close in the same turn of the loop
+        (a `sent` waiting for its round's other entries), and a task per gap cost more
+        than the rest of the push."""
+        try:
+            while self._gapped:
+                await asyncio.sleep(GAP_WAIT_S / 2)
+                now = self._clock()
+                for conn in list(self._gapped):
+                    since = conn.session.inbox.gap_since
+                    if since is None or conn.closing:
+                        self._gapped.discard(conn)
+                    elif now - since >= GAP_WAIT_S and conn not in self._gap_fills:
+                        self._gap_fills[conn] = self._spawn(self._fill_gap(conn))
+        finally:
+            self._gap_watch = None
 
     async def _fill_gap(self, conn: Connection) -> None:
-        """Entries held behind a missing position: give the writer a moment, then read."""
+        """Read the entries held up behind a missing position."""
         try:
-            while not conn.closing and (missing := conn.session.inbox.missing) is not None:
-                await asyncio.sleep(GAP_WAIT_S)
-                if conn.session.inbox.missing != missing:
-                    continue  # it moved by itself
+            missing = conn.session.inbox.missing
+            if missing is not None:
                 after, before = missing
                 entries = await self.store.inbox_after(conn.user_id, after, before - after - 1)
-                conn.send_many(conn.session.inbox.offer(map(entry_frame, entries), self._clock()))
+                self._offer(conn, map(entry_frame, entries))
         except se.StoreError as exc:
             log.warning("gap fill failed for user %s: %s", conn.user_id, exc)
         finally:
@@ -381,6 +400,7 @@ class Hub:
         self.connections.discard(conn)
         conn.closing = True
         conn.session.closed()
+        self._gapped.discard(conn)
         user_conns = self._by_user.get(conn.user_id)
         if user_conns is None or conn not in user_conns:
             return
