@@ -65,6 +65,28 @@ async def test_without_echo_the_sent_takes_the_own_messages_place(
     ]  # fmt: skip
 
 
+async def test_without_echo_a_burst_of_sends_gets_no_msg_back(
+    server: Server, api: Api, http: aiohttp.ClientSession
+) -> None:
+    """Sends that share commit rounds, with the fan-out worker busy: every `sent` still
+    reaches the sequencer before its entry's push."""
+    alice, bob = await api.account("alice"), await api.account("bob")
+    conv = await api.direct(alice, bob)
+    phone, _ = await connect(http, server.url, alice, echo=False)
+    b, _ = await connect(http, server.url, bob)
+    count = 300
+    for i in range(count):
+        await phone.send({"type": "send", "conv": conv, "client_id": f"c{i}", "body": "hi"})
+    sent = await phone.collect("sent", count)
+    await b.collect("msg", count)
+    assert [fr["seq"] for fr in sent] == list(range(1, count + 1))
+    positions = [fr.get("inbox_seq", 0) for fr in sent]
+    assert positions == list(range(positions[0], positions[0] + count))
+    await phone.send({"type": "ping", "ts": 1.0})
+    await phone.expect("pong")
+    assert [fr for fr in phone.frames if fr["type"] == "msg"] == []
+
+
 async def test_group_of_fifty(server: Server, api: Api, http: aiohttp.ClientSession) -> None:
     accounts = [await api.account() for _ in range(50)]
     conv = await api.group(accounts[0], accounts[1:], title="fifty")

@@ -314,11 +314,14 @@ class Writer:
         if result.failure is not None:
             round_.fail(store_error(result.failure))
             return
-        # Ready before any sender hears `sent` and wakes the workers.
-        self.fanned_out.extend(fanned.entries() for fanned in result.fanned_out)
         self._checkpointer.committed()
         _hand_out([p.future for p in round_.sends], result.sent, result.send_failures)
         _hand_out([f for _, _, f in round_.acks], result.acked, result.ack_failures)
+        # The entries are the workers' once the senders have heard `sent` (the futures'
+        # callbacks, just scheduled, run first), so that a `sent` can take its sender's
+        # own entry's place (`Hub._sent`); and before any worker the senders woke runs.
+        entries = [fanned.entries() for fanned in result.fanned_out]
+        asyncio.get_running_loop().call_soon(self.fanned_out.extend, entries)
 
     async def _restart_child(self) -> None:
         log.warning("starting the send writer again")
