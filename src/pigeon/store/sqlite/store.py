@@ -135,6 +135,18 @@ class SqliteStore:
         """Run ``fn`` in one read transaction (a consistent snapshot) on the reader thread."""
         return await run_on(self._reader, functools.partial(self._in_read_txn, fn))
 
+    async def _query(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn``, which runs ONE statement, on the reader thread. A statement outside
+        a transaction reads one snapshot by itself; BEGIN and COMMIT around it were two
+        more statements, and two more waits for the GIL, on every hello's lookups."""
+        return await run_on(self._reader, functools.partial(self._in_autocommit, fn))
+
+    def _in_autocommit(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._rconn
+        if conn is None:
+            raise Unavailable("the store is closed")
+        return fn(conn)
+
     def _in_read_txn(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn = self._rconn
         if conn is None:
@@ -168,7 +180,7 @@ class SqliteStore:
             row = conn.execute(f"SELECT {USER_COLS} FROM users WHERE id = ?", (user_id,))
             return records.maybe(records.user, row.fetchone())
 
-        return await self._read(txn)
+        return await self._query(txn)
 
     async def find_user(self, username: str) -> User | None:
         def txn(conn: sqlite3.Connection) -> User | None:
@@ -176,7 +188,7 @@ class SqliteStore:
             row = conn.execute(f"SELECT {USER_COLS} FROM users WHERE username = ?", (username,))
             return records.maybe(records.user, row.fetchone())
 
-        return await self._read(txn)
+        return await self._query(txn)
 
     async def password_hash(self, user_id: int) -> str:
         def txn(conn: sqlite3.Connection) -> str:
@@ -186,7 +198,7 @@ class SqliteStore:
                 raise NotFound(f"no user {user_id}")
             return str(found[0])
 
-        return await self._read(txn)
+        return await self._query(txn)
 
     async def set_password_hash(self, user_id: int, password_hash: str) -> None:
         def txn(conn: sqlite3.Connection) -> None:
@@ -203,7 +215,7 @@ class SqliteStore:
             rows = conn.execute(f"SELECT {USER_COLS} FROM users ORDER BY id")
             return [records.user(r) for r in rows]
 
-        return await self._read(txn)
+        return await self._query(txn)
 
     async def create_device(self, user_id: int, name: str, token_hash: str) -> Device:
         def txn(conn: sqlite3.Connection) -> Device:
@@ -228,7 +240,7 @@ class SqliteStore:
             )
             return records.maybe(records.device, row.fetchone())
 
-        return await self._read(txn)
+        return await self._query(txn)
 
     async def list_devices(self, user_id: int) -> list[Device]:
         def txn(conn: sqlite3.Connection) -> list[Device]:
@@ -237,7 +249,7 @@ class SqliteStore:
             )
             return [records.device(r) for r in rows]
 
-        return await self._read(txn)
+        return await self._query(txn)
 
     async def revoke_device(self, user_id: int, device_id: int) -> bool:
         def txn(conn: sqlite3.Connection) -> bool:
@@ -376,7 +388,7 @@ class SqliteStore:
         return await self._read(txn)
 
     async def member_ids(self, conv_id: int) -> list[int]:
-        return await self._read(lambda conn: queries.member_ids(conn, conv_id))
+        return await self._query(lambda conn: queries.member_ids(conn, conv_id))
 
     async def list_conversations(self, user_id: int) -> list[ConversationSummary]:
         return await self._read(lambda conn: queries.list_conversations(conn, user_id))
@@ -425,7 +437,7 @@ class SqliteStore:
             )
             return [int(r[0]) for r in rows]
 
-        return await self._read(txn)
+        return await self._query(txn)
 
     async def shared_with(self, user_id: int, others: list[int]) -> list[int]:
         def txn(conn: sqlite3.Connection) -> list[int]:
@@ -438,7 +450,7 @@ class SqliteStore:
             shared = {int(r[0]) for r in rows}
             return [u for u in dict.fromkeys(others) if u in shared]
 
-        return await self._read(txn)
+        return await self._query(txn)
 
     # -- sending (group commit) ----------------------------------------------------------
 
@@ -483,7 +495,7 @@ class SqliteStore:
             )
             return [records.inbox_entry(r) for r in rows]
 
-        return await self._read(txn)
+        return await self._query(txn)
 
     async def inbox_bounds(self, user_id: int) -> InboxBounds:
         def txn(conn: sqlite3.Connection) -> InboxBounds:
@@ -494,7 +506,7 @@ class SqliteStore:
                 raise NotFound(f"no user {user_id}")
             return InboxBounds(floor=int(row[0]), head=int(row[1]))
 
-        return await self._read(txn)
+        return await self._query(txn)
 
     async def ack(self, device_id: int, up_to: int) -> list[InboxEntry]:
         return only(await self.ack_many([(device_id, up_to)]))
