@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import aiohttp
 
+from pigeon.bus.envelope import Envelope, Target
+from pigeon.protocol import frames as f
 from pigeon.server import Server
 from tests.support import Api, connect
 
@@ -85,6 +87,29 @@ async def test_without_echo_a_burst_of_sends_gets_no_msg_back(
     await phone.send({"type": "ping", "ts": 1.0})
     await phone.expect("pong")
     assert [fr for fr in phone.frames if fr["type"] == "msg"] == []
+
+
+async def test_without_echo_a_msg_that_came_first_keeps_its_place(
+    server: Server, api: Api, http: aiohttp.ClientSession
+) -> None:
+    """If the entry's `msg` reaches the socket before the `sent` (another process's push),
+    the `sent` comes without `inbox_seq`: no position twice, and the `sent` is not lost."""
+    alice, bob = await api.account("alice"), await api.account("bob")
+    conv = await api.direct(alice, bob)
+    phone, welcome = await connect(http, server.url, alice, echo=False)
+    for worker in server.workers:  # the pushes below are ours
+        worker.stop()
+    own = welcome["inbox_head"] + 1
+    early = f.Msg(own, conv, 1, alice.user_id, "text", "hi", 0.0, alice.device_id, "a1")
+    server.hub.on_envelope(Envelope([Target(alice.user_id, [early])]))
+    await phone.send({"type": "send", "conv": conv, "client_id": "a1", "body": "hi"})
+    sent = await phone.expect("sent")
+    assert (sent["seq"], sent.get("inbox_seq")) == (1, None)
+    assert (await phone.expect("msg"))["inbox_seq"] == own
+    await phone.send({"type": "ack", "up_to": own, "ref": "ack"})
+    await phone.send({"type": "ping", "ts": 1.0})
+    await phone.expect("pong")
+    assert [fr for fr in phone.frames if fr["type"] == "error"] == []
 
 
 async def test_group_of_fifty(server: Server, api: Api, http: aiohttp.ClientSession) -> None:
