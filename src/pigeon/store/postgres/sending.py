@@ -162,44 +162,42 @@ async def fanout(
     max_messages: int,
     lease_s: float,
 ) -> FanoutBatch:
-    """Fan out up to ``max_messages`` pending messages, conversation by conversation in
-    round-robin order, each conversation's in seq order.
+    """Fan out up to ``max_messages`` pending messages, each conversation's in seq order,
+    conversations in round-robin order.
 
     Each message goes to the users who were members when it was sent: current members
     who joined before it, plus those who left (or were removed) after it but before this
     fan-out ran, including the departure message itself. (Members are read before the
     departures, so a change committed in between shows up in the departures.)
 
-    Four statements for the whole round, whatever the number of conversations: with one
-    per conversation and step, a round over the 100 conversations of `pigeon bench
-    direct --cluster` took ~400 round trips, and messages waited for it.
+    Each of up to ``max_messages`` claimed conversations gets an equal share of the
+    budget. A fixed handful of statements for the whole round, whatever the number of
+    conversations: with one per conversation and step, a round over the 100
+    conversations of `pigeon bench direct --cluster` took ~400 round trips, and messages
+    waited for it.
     """
     now = clock()
     budget = max(max_messages, 0)
     claimed = await _claim(conn, position, worker_id, now, budget + 1)
-    batch = FanoutBatch()
+    served = claimed[:budget]
+    batch = FanoutBatch(more=len(claimed) > len(served))  # conversations left for later
     batch.nudge_users = await _take_unpushed(conn, worker_id, now)
-    # The first `budget` jobs in (round-robin position, seq) order: each conversation in
-    # turn takes what is left of the budget.
+    # Each claimed conversation gets an equal share of the budget, read through its own
+    # index range: a round reads at most ~`budget` jobs however long the backlogs are.
+    share = budget // len(served) if served else 0
     rows = await conn.fetch(
         f"SELECT {M_MSG_COLS} FROM unnest($1::bigint[]) WITH ORDINALITY AS c(conv_id, ord)"
-        " JOIN fanout_jobs j ON j.conv_id = c.conv_id"
-        " JOIN messages m ON m.conv_id = j.conv_id AND m.seq = j.seq"
-        " ORDER BY c.ord, j.seq LIMIT $2",
-        claimed,
-        budget,
+        " CROSS JOIN LATERAL (SELECT j.seq FROM fanout_jobs j WHERE j.conv_id = c.conv_id"
+        "  ORDER BY j.seq LIMIT $2) j"
+        " JOIN messages m ON m.conv_id = c.conv_id AND m.seq = j.seq"
+        " ORDER BY c.ord, j.seq",
+        served,
+        share,
     )
     pending: dict[int, list[Message]] = {}
     for row in rows:
         message = records.message(row)
         pending.setdefault(message.conv_id, []).append(message)
-    served: list[int] = []
-    for conv_id in claimed:
-        if budget <= 0:
-            batch.more = True  # conversations not served in this call
-            break
-        served.append(conv_id)
-        budget -= len(pending.get(conv_id, ()))
     if served:
         position.after = served[-1]
     inbox = InboxAppender()
@@ -219,7 +217,7 @@ async def fanout(
         served,
         last,
     )
-    batch.more = batch.more or bool(remaining)
+    batch.more = batch.more or bool(remaining)  # or jobs left in a served conversation
     # Held (and marked unpushed) until `fanout_pushed`, even when no job is left.
     await conn.execute(
         "UPDATE fanout_leases l SET owner = $2, expires_at = $3, unpushed = true"
