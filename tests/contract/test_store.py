@@ -401,6 +401,41 @@ async def test_fanout_reaches_every_member_once_in_order(store: Store) -> None:
     assert again.entries == [] and not again.more
 
 
+async def test_fanout_over_many_conversations_in_small_rounds(store: Store) -> None:
+    """More conversations with work than a round serves, and a budget smaller than the
+    backlog: rounds until done write every message once per member, each conversation in
+    seq order, and every round stays within its budget."""
+    users = await make_users(store, *(f"u{i}" for i in range(21)))
+    phone = await make_device(store, users[0])
+    convs = [await store.direct_conversation(users[0], other) for other in users[1:]]
+    for i in range(4):
+        for conv in convs:
+            await send(store, conv.id, users[0], phone.id, f"m{i}")
+    await drain(store)  # whatever went out with the sends, or queued before this point
+    group = await store.create_group(users[0], "G", users[1:6], MAX_MEMBERS)
+    for i in range(30):  # queued behind the group's creation: the leased rounds' work
+        await send(store, group.id, users[0], phone.id, f"g{i}")
+    rounds = 0
+    while True:
+        batch = await store.fanout("w1", 7, lease_s=30)
+        await store.fanout_pushed("w1", batch.convs)
+        assert len({(e.conv_id, e.message.seq) for e in batch.entries if e.message}) <= 7
+        rounds += 1
+        if not batch.more and not batch.entries:
+            break
+    assert rounds >= 31 // 7
+    for user in users[1:6]:
+        seqs = [
+            e.message.seq for e in await inbox(store, user) if e.message and e.conv_id == group.id
+        ]
+        assert seqs == list(range(1, 32))
+    for conv, other in zip(convs, users[1:], strict=True):
+        got = [
+            e.message.seq for e in await inbox(store, other) if e.message and e.conv_id == conv.id
+        ]
+        assert got == [1, 2, 3, 4]
+
+
 async def test_fanout_batches_report_more(store: Store) -> None:
     alice, bob = await make_users(store, "alice", "bob")
     phone = await make_device(store, alice)
