@@ -24,6 +24,7 @@ from pigeon.bench.generator import Coordinator, ShardSpec
 from pigeon.bench.metrics import machine_info, raise_nofile, speed_probe
 from pigeon.bench.scenarios import SCENARIOS, Params, Run
 from pigeon.bench.scenarios.base import split
+from pigeon.bench.summary import summarize
 from pigeon.bench.target import (
     ClusterTarget,
     ServerProcess,
@@ -77,7 +78,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", default="bench-results/results.jsonl", help="JSONL to append")
     p.add_argument("--plots", help="write PNG plots into this directory")
     p.add_argument("--label", default="", help="free text stored in each record")
+    p.add_argument(
+        "--repeat", type=_positive, default=1, metavar="K",
+        help="run each point K times, then write a summary (median, min, max)",
+    )  # fmt: skip
     p.add_argument("--keep-data", action="store_true", help="keep the temp data dirs")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def _cluster_size(text: str) -> tuple[int, int]:
@@ -249,29 +264,37 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     records = []
     for name in names:
         for params in points(args, name):
-            saturated_with: list[int] = []
-            while True:
-                record, extra = await run_point(
-                    name, params, args.url, args.server_pid, args.keep_data, args.cluster
-                )
-                single = SCENARIOS[name].single_shard
-                procs = more_procs(record, params, args.procs is not None, single)
-                if procs is None:
-                    break
-                _progress(f"{name}: a generator process saturated; again with {procs}")
-                saturated_with.append(params.procs)
-                params = replace(params, procs=procs)
-            if saturated_with:  # the figure is the last run's; say it took more processes
-                record["generator_saturated_with_procs"] = saturated_with
-            if args.label:
-                record["label"] = args.label
-            _write(record, Path(args.results))
-            records.append(record)
-            if args.plots:
-                from pigeon.bench.plots import plot_point
+            runs: list[dict[str, Any]] = []
+            for _ in range(args.repeat):
+                saturated_with: list[int] = []
+                while True:
+                    record, extra = await run_point(
+                        name, params, args.url, args.server_pid, args.keep_data, args.cluster
+                    )
+                    single = SCENARIOS[name].single_shard
+                    procs = more_procs(record, params, args.procs is not None, single)
+                    if procs is None:
+                        break
+                    _progress(f"{name}: a generator process saturated; again with {procs}")
+                    saturated_with.append(params.procs)
+                    params = replace(params, procs=procs)  # and for the repeats
+                if saturated_with:  # the figure is the last run's; it took more processes
+                    record["generator_saturated_with_procs"] = saturated_with
+                if args.label:
+                    record["label"] = args.label
+                _write(record, Path(args.results))
+                runs.append(record)
+                if args.plots:
+                    from pigeon.bench.plots import plot_point
 
-                for path in plot_point(record, extra, Path(args.plots)):
-                    _progress(f"plot: {path}")
+                    for path in plot_point(record, extra, Path(args.plots)):
+                        _progress(f"plot: {path}")
+            records += runs
+            if len(runs) > 1:
+                summary = summarize(runs)
+                if args.label:
+                    summary["label"] = args.label
+                _write(summary, Path(args.results))
     return records
 
 
