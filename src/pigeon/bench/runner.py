@@ -258,6 +258,28 @@ def more_procs(record: dict[str, Any], params: Params, fixed: bool, single: bool
     return min(params.procs * 2, MAX_AUTO_PROCS)
 
 
+async def _run_unsaturated(
+    args: argparse.Namespace, name: str, params: Params
+) -> tuple[dict[str, Any], dict[str, Any], Params]:
+    """Run a point, again with more generator processes while one saturates; return the
+    last run's record and samples, and the parameters it ran with (for the repeats)."""
+    saturated_with: list[int] = []
+    while True:
+        record, extra = await run_point(
+            name, params, args.url, args.server_pid, args.keep_data, args.cluster
+        )
+        single = SCENARIOS[name].single_shard
+        procs = more_procs(record, params, args.procs is not None, single)
+        if procs is None:
+            break
+        _progress(f"{name}: a generator process saturated; again with {procs}")
+        saturated_with.append(params.procs)
+        params = replace(params, procs=procs)
+    if saturated_with:  # the figure is the last run's; say it took more processes
+        record["generator_saturated_with_procs"] = saturated_with
+    return record, extra, params
+
+
 async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     raise_nofile()
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
@@ -266,20 +288,7 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         for params in points(args, name):
             runs: list[dict[str, Any]] = []
             for _ in range(args.repeat):
-                saturated_with: list[int] = []
-                while True:
-                    record, extra = await run_point(
-                        name, params, args.url, args.server_pid, args.keep_data, args.cluster
-                    )
-                    single = SCENARIOS[name].single_shard
-                    procs = more_procs(record, params, args.procs is not None, single)
-                    if procs is None:
-                        break
-                    _progress(f"{name}: a generator process saturated; again with {procs}")
-                    saturated_with.append(params.procs)
-                    params = replace(params, procs=procs)  # and for the repeats
-                if saturated_with:  # the figure is the last run's; it took more processes
-                    record["generator_saturated_with_procs"] = saturated_with
+                record, extra, params = await _run_unsaturated(args, name, params)
                 if args.label:
                     record["label"] = args.label
                 _write(record, Path(args.results))

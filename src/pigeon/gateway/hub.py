@@ -14,7 +14,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 from pigeon.auth import token_hash
 from pigeon.bus.base import Bus
@@ -37,8 +37,9 @@ T = TypeVar("T")
 GAP_WAIT_S = 0.2
 #: Acks due within 1/N of `ack_flush_s` are written together (fewer, bigger batches).
 ACK_FLUSH_SLICES = 10
-#: Frames that hold an inbox position: they go through the connection's sequencer.
-INBOX_FRAMES = (f.Msg, f.Receipt)
+#: Frames that hold an inbox position (`frames.InboxFrame`) as a tuple: `isinstance` with
+#: a tuple is quicker than with a union, and this runs per pushed frame.
+INBOX_FRAMES: tuple[type[f.Msg], type[f.Receipt]] = get_args(f.InboxFrame)
 
 
 def store_error_reply(exc: Exception, ref: str | None) -> Reply:

@@ -141,16 +141,16 @@ class SqliteStore:
         more statements, and two more waits for the GIL, on every hello's lookups."""
         return await run_on(self._reader, functools.partial(self._in_autocommit, fn))
 
-    def _in_autocommit(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        conn = self._rconn
-        if conn is None:
+    def _reader_conn(self) -> sqlite3.Connection:
+        if self._rconn is None:
             raise Unavailable("the store is closed")
-        return fn(conn)
+        return self._rconn
+
+    def _in_autocommit(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return fn(self._reader_conn())
 
     def _in_read_txn(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        conn = self._rconn
-        if conn is None:
-            raise Unavailable("the store is closed")
+        conn = self._reader_conn()
         conn.execute("BEGIN")
         try:
             return fn(conn)
